@@ -1,0 +1,248 @@
+//! `sluice-dev`: up, down, kubeconfig, image. See dev/README.md.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use sluice_dev::image::{self, ImageSpec};
+use sluice_dev::{Cluster, ClusterOptions, host};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-dev",
+    about = "A real one-node Kubernetes cluster for Sluice"
+)]
+struct Cli {
+    /// The cluster's state folder (data, certificates, logs, kubeconfig).
+    #[arg(long, global = true, env = "SLUICE_DEV_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the cluster and keep it running until Ctrl-C or SIGTERM.
+    Up {
+        /// Also add N KWOK fake nodes (tainted kwok.x-k8s.io/node=fake:NoSchedule).
+        #[arg(long, default_value_t = 0)]
+        virtual_nodes: u32,
+        /// docker-archive tars to import into the node before it starts.
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
+        /// Folder of the cluster binaries (default: the last build-cluster.sh build).
+        #[arg(long, env = "SLUICE_CLUSTER_BIN_DIR")]
+        bin_dir: Option<PathBuf>,
+    },
+    /// Stop a cluster started with `up` and remove everything it left on the host.
+    Down,
+    /// Print the path of the admin kubeconfig.
+    Kubeconfig,
+    /// Build an image from a Dockerfile with buildah and import it into the node.
+    Image {
+        #[arg(long, default_value = "Dockerfile")]
+        dockerfile: PathBuf,
+        /// Build context (default: the Dockerfile's folder).
+        #[arg(long)]
+        context: Option<PathBuf>,
+        /// Dockerfile stage to build (the one that copies host-built binaries).
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, default_value = "sluice:dev")]
+        name: String,
+        /// KEY=VALUE, repeatable.
+        #[arg(long = "build-arg")]
+        build_args: Vec<String>,
+        /// Only build the tar; do not import it.
+        #[arg(long)]
+        no_import: bool,
+    },
+}
+
+fn default_state_dir() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("/var/lib"))
+        .join("sluice-dev")
+}
+
+fn up_pid_path(state: &Path) -> PathBuf {
+    state.join("up.pid")
+}
+
+fn pid_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "sluice_dev=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let state = cli.state_dir.unwrap_or_else(default_state_dir);
+    match cli.command {
+        Cmd::Up {
+            virtual_nodes,
+            images,
+            bin_dir,
+        } => up(state, virtual_nodes, images, bin_dir).await,
+        Cmd::Down => down(&state),
+        Cmd::Kubeconfig => {
+            let path = state.join("kubeconfig/admin.yaml");
+            if !path.exists() {
+                bail!(
+                    "no cluster at {}; start one with: sluice-dev up",
+                    state.display()
+                );
+            }
+            println!("{}", path.display());
+            Ok(())
+        }
+        Cmd::Image {
+            dockerfile,
+            context,
+            target,
+            name,
+            build_args,
+            no_import,
+        } => {
+            let context = context.unwrap_or_else(|| {
+                dockerfile
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."))
+                    .to_path_buf()
+            });
+            let mut args = Vec::new();
+            for a in build_args {
+                let (k, v) = a
+                    .split_once('=')
+                    .with_context(|| format!("--build-arg {a}: expected KEY=VALUE"))?;
+                args.push((k.to_string(), v.to_string()));
+            }
+            let spec = ImageSpec {
+                dockerfile,
+                context,
+                target,
+                name: name.clone(),
+                build_args: args,
+            };
+            let t0 = Instant::now();
+            let tar = image::build(&spec, &host::cache_root())?;
+            eprintln!(
+                "built {name} in {:.1} s: {}",
+                t0.elapsed().as_secs_f64(),
+                tar.display()
+            );
+            if !no_import {
+                let socket = state.join("containerd/containerd.sock");
+                if !socket.exists() {
+                    bail!(
+                        "no running cluster at {} to import into; start one with `sluice-dev up` (or pass --no-import)",
+                        state.display()
+                    );
+                }
+                image::import(&host::default_bin_dir().join("ctr"), &socket, &tar)?;
+                eprintln!(
+                    "imported {name} into the node; use imagePullPolicy: Never or IfNotPresent"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn up(
+    state: PathBuf,
+    virtual_nodes: u32,
+    images: Vec<PathBuf>,
+    bin_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    if let Some(pid) = std::fs::read_to_string(up_pid_path(&state))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|p| pid_alive(*p))
+    {
+        bail!(
+            "a cluster already runs from {} (pid {pid}); stop it with: sluice-dev down",
+            state.display()
+        );
+    }
+    std::fs::write(up_pid_path(&state), std::process::id().to_string())?;
+    let mut opts = ClusterOptions {
+        state_dir: Some(state.clone()),
+        virtual_nodes,
+        images,
+        ..ClusterOptions::default()
+    };
+    if let Some(b) = bin_dir {
+        opts.bin_dir = b;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let start = Cluster::start(opts);
+    let cluster = tokio::select! {
+        c = start => c?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted while starting; stopped what had started"),
+        _ = term.recv() => bail!("terminated while starting; stopped what had started"),
+    };
+    let t = cluster.timings();
+    let kc = cluster.kubeconfig_path();
+    let kubectl = cluster.config().bin("kubectl");
+    println!(
+        "sluice-dev is up: node {} Ready after {:.1} s (DNS answering after {:.1} s)\n\n  export KUBECONFIG={}\n  {} get nodes\n\nlogs: {}\nstop with Ctrl-C, or: sluice-dev down --state-dir {}",
+        cluster.config().node_name,
+        t.node_ready.as_secs_f64(),
+        t.total.as_secs_f64(),
+        kc.display(),
+        kubectl.display(),
+        cluster.config().logs_dir().display(),
+        state.display(),
+    );
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+    eprintln!("stopping...");
+    let t0 = Instant::now();
+    drop(cluster);
+    let _ = std::fs::remove_file(up_pid_path(&state));
+    eprintln!("stopped in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn down(state: &Path) -> anyhow::Result<()> {
+    let pid = std::fs::read_to_string(up_pid_path(state))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    if let Some(pid) = pid.filter(|p| pid_alive(*p)) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while pid_alive(pid) {
+            if Instant::now() > deadline {
+                bail!("sluice-dev up (pid {pid}) did not stop within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("stopped the cluster of {}", state.display());
+    } else if sluice_dev::cluster::teardown_orphaned(state) {
+        eprintln!(
+            "cleaned up after a cluster of {} whose `up` had died",
+            state.display()
+        );
+    } else {
+        eprintln!("no cluster at {}", state.display());
+    }
+    let _ = std::fs::remove_file(up_pid_path(state));
+    Ok(())
+}
