@@ -1,0 +1,9 @@
+# The two commands a newcomer needs. Both install what they need on a fresh
+# Debian 12 machine (as root) and cache heavy builds under ~/.cache/sluice.
+.PHONY: test demo crd
+
+test:   ## fmt, clippy and every test suite against real servers
+	bash dev/scripts/test.sh
+
+crd:    ## regenerate the checked-in CRD after an API change
+	cargo run -q -p sluice-operator -- crd > charts/sluice/crds/streamprocessors.sluice.io.yaml

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what the test suites need, idempotently, and prints the environment
+# to use them as `export` lines (the test script evals them).
+#
+# Everything heavy is cached by pinned version OUTSIDE the clone, under
+# ${XDG_CACHE_HOME:-$HOME/.cache}/sluice, so a fresh clone on the same machine
+# (CI) finds it and a second run does nothing:
+#   venv-<hash>/      PyPI tools pinned in dev/requirements.txt
+#   cargo-target/     the shared Cargo target dir
+#   cluster/<key>/    Kubernetes, containerd, CoreDNS, KWOK, helm built from pinned Go modules
+#   kafka/<version>/  Apache Kafka jars from Maven Central
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cache=${XDG_CACHE_HOME:-$HOME/.cache}/sluice
+mkdir -p "$cache"
+log() { printf '%s setup: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# --- Debian packages ---------------------------------------------------------
+apt_packages=(redis-server kcat python3-venv)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: missing Debian packages: ${missing[*]}; install them with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+  log "installing ${missing[*]}"
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+# --- Python tools in a venv keyed by the pinned requirements -------------------
+req="$root/dev/requirements.txt"
+venv="$cache/venv-$(sha256sum "$req" | cut -c1-12)"
+if [ ! -x "$venv/.complete" ]; then
+  log "creating $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv" >&2
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" >&2
+  printf '#!/bin/sh\n' > "$venv/.complete" && chmod +x "$venv/.complete"
+fi
+
+# --- The local cluster's binaries ----------------------------------------------
+cluster_bin=$(bash "$root/dev/scripts/build-cluster.sh")
+
+echo "export CARGO_TARGET_DIR=\"\${CARGO_TARGET_DIR:-$cache/cargo-target}\""
+echo "export PATH=\"$venv/bin:$cluster_bin:\$PATH\""
+echo "export SLUICE_CLUSTER_BIN=\"$cluster_bin\""
