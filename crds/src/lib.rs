@@ -12,6 +12,7 @@ pub mod crd;
 mod duration;
 pub mod expr;
 pub mod generator;
+pub mod secrets;
 pub mod spec;
 pub mod status;
 pub mod validate;
