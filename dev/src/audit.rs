@@ -64,14 +64,8 @@ pub fn parse(text: &str) -> Vec<AuditRecord> {
             AuditRecord {
                 user: e.user.and_then(|u| u.username).unwrap_or_default(),
                 verb: e.verb.unwrap_or_default(),
-                resource: o
-                    .as_ref()
-                    .and_then(|o| o.resource.clone())
-                    .unwrap_or_default(),
-                subresource: o
-                    .as_ref()
-                    .and_then(|o| o.subresource.clone())
-                    .unwrap_or_default(),
+                resource: o.as_ref().and_then(|o| o.resource.clone()).unwrap_or_default(),
+                subresource: o.as_ref().and_then(|o| o.subresource.clone()).unwrap_or_default(),
                 namespace: o.and_then(|o| o.namespace).unwrap_or_default(),
                 code: e.response_status.and_then(|s| s.code).unwrap_or(0),
             }
@@ -82,10 +76,8 @@ pub fn parse(text: &str) -> Vec<AuditRecord> {
 /// Reads every record written so far (the API server flushes its batch
 /// every second).
 pub fn read(path: &Path) -> Result<Vec<AuditRecord>, AuditError> {
-    let text = std::fs::read_to_string(path).map_err(|source| AuditError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| AuditError::Read { path: path.display().to_string(), source })?;
     Ok(parse(&text))
 }
 

@@ -47,12 +47,7 @@ pub struct HostPort {
 
 impl HostPort {
     pub fn tcp(name: &str, port: u16) -> Self {
-        HostPort {
-            name: name.into(),
-            protocol: "TCP",
-            port,
-            target_port: port,
-        }
+        HostPort { name: name.into(), protocol: "TCP", port, target_port: port }
     }
 }
 
@@ -133,10 +128,7 @@ pub async fn apply_coredns_rbac(client: &kube::Client) -> Result<(), BootstrapEr
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     for doc in serde_yaml::Deserializer::from_str(template::COREDNS_RBAC.text) {
         let v = serde_json::Value::deserialize_yaml(doc)?;
-        let name = v["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let name = v["metadata"]["name"].as_str().unwrap_or_default().to_string();
         match v["kind"].as_str() {
             Some("ClusterRole") => {
                 Api::<ClusterRole>::all(client.clone())
@@ -189,9 +181,7 @@ pub async fn create_kwok_nodes(client: &kube::Client, count: u32) -> Result<(), 
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     for i in 0..count {
         let name = format!("kwok-node-{i}");
-        api.patch(&name, &pp, &Patch::Apply(kwok_node(&name)))
-            .await
-            .map_err(apply_err("Node", &name))?;
+        api.patch(&name, &pp, &Patch::Apply(kwok_node(&name))).await.map_err(apply_err("Node", &name))?;
     }
     Ok(())
 }
@@ -205,13 +195,8 @@ pub async fn wait_node_ready(
     let api = Api::<Node>::all(client.clone());
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(n) = api
-            .get_opt(node)
-            .await
-            .map_err(|source| BootstrapError::Read {
-                what: format!("node {node}"),
-                source,
-            })?
+        if let Some(n) =
+            api.get_opt(node).await.map_err(|source| BootstrapError::Read { what: format!("node {node}"), source })?
         {
             let ready = n
                 .status
@@ -224,10 +209,7 @@ pub async fn wait_node_ready(
             }
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(BootstrapError::Timeout {
-                what: format!("node {node} Ready"),
-                seconds: timeout.as_secs(),
-            });
+            return Err(BootstrapError::Timeout { what: format!("node {node} Ready"), seconds: timeout.as_secs() });
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
@@ -267,20 +249,12 @@ mod tests {
             "kube-dns",
             Some(Ipv4Addr::new(10, 96, 0, 10)),
             Ipv4Addr::new(192, 0, 2, 2),
-            &[HostPort {
-                name: "dns".into(),
-                protocol: "UDP",
-                port: 53,
-                target_port: 5353,
-            }],
+            &[HostPort { name: "dns".into(), protocol: "UDP", port: 53, target_port: 5353 }],
         );
         assert!(svc["spec"].get("selector").is_none());
         assert_eq!(svc["spec"]["clusterIP"], "10.96.0.10");
         assert_eq!(svc["spec"]["ports"][0]["port"], 53);
-        assert_eq!(
-            slice["metadata"]["labels"]["kubernetes.io/service-name"],
-            "kube-dns"
-        );
+        assert_eq!(slice["metadata"]["labels"]["kubernetes.io/service-name"], "kube-dns");
         assert_eq!(slice["endpoints"][0]["addresses"][0], "192.0.2.2");
         assert_eq!(slice["ports"][0]["port"], 5353);
         assert_eq!(slice["ports"][0]["name"], "dns");
@@ -295,10 +269,9 @@ mod tests {
 
     #[test]
     fn coredns_rbac_parses() {
-        let docs: Vec<serde_json::Value> =
-            serde_yaml::Deserializer::from_str(template::COREDNS_RBAC.text)
-                .map(|d| serde_json::Value::deserialize_yaml(d).unwrap())
-                .collect();
+        let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(template::COREDNS_RBAC.text)
+            .map(|d| serde_json::Value::deserialize_yaml(d).unwrap())
+            .collect();
         assert_eq!(docs.len(), 2);
         assert_eq!(docs[1]["subjects"][0]["name"], "system:coredns");
     }

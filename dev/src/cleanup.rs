@@ -27,8 +27,8 @@ const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 pub struct HostBefore {
     pub existing_dirs: Vec<PathBuf>,
     pub ip_forward: Option<String>,
-    pub nat_chains: Vec<String>,
-    pub filter_chains: Vec<String>,
+    /// `<command>/<table>/<chain>` of every iptables chain before `up`.
+    pub chains: Vec<String>,
 }
 
 /// Everything `down` needs to know about the cluster it removes.
@@ -45,32 +45,82 @@ pub struct Teardown {
 
 pub fn snapshot() -> HostBefore {
     HostBefore {
-        existing_dirs: HOST_DIRS
-            .iter()
-            .map(PathBuf::from)
-            .filter(|p| p.exists())
-            .collect(),
-        ip_forward: std::fs::read_to_string(IP_FORWARD)
-            .ok()
-            .map(|s| s.trim().to_string()),
-        nat_chains: chains("nat"),
-        filter_chains: chains("filter"),
+        existing_dirs: HOST_DIRS.iter().map(PathBuf::from).filter(|p| p.exists()).collect(),
+        ip_forward: std::fs::read_to_string(IP_FORWARD).ok().map(|s| s.trim().to_string()),
+        chains: all_chains(),
     }
 }
 
-fn chains(table: &str) -> Vec<String> {
-    let Ok(out) = Command::new("iptables").args(["-t", table, "-S"]).output() else {
-        return Vec::new();
-    };
-    parse_chains(&String::from_utf8_lossy(&out.stdout))
+const IPTABLES: &[&str] = &["iptables", "ip6tables"];
+const TABLES: &[&str] = &["nat", "filter", "mangle"];
+
+fn rules(cmd: &str, table: &str) -> String {
+    Command::new(cmd)
+        .args(["-t", table, "-S"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn all_chains() -> Vec<String> {
+    let mut v = Vec::new();
+    for cmd in IPTABLES {
+        for table in TABLES {
+            for c in parse_chains(&rules(cmd, table)) {
+                v.push(format!("{cmd}/{table}/{c}"));
+            }
+        }
+    }
+    v
+}
+
+/// Removes the KUBE-* and CNI-* chains that kubelet, kube-proxy and the CNI
+/// plugins created (and the rules that jump to them), keeping any that
+/// existed before `up`.
+fn remove_new_chains(before: &[String]) {
+    for cmd in IPTABLES {
+        for table in TABLES {
+            let text = rules(cmd, table);
+            let new: Vec<String> = parse_chains(&text)
+                .into_iter()
+                .filter(|c| c.starts_with("KUBE-") || c.starts_with("CNI-"))
+                .filter(|c| !before.contains(&format!("{cmd}/{table}/{c}")))
+                .collect();
+            if new.is_empty() {
+                continue;
+            }
+            for rule in jumps_to(&text, &new) {
+                let mut args = vec!["-t", table, "-D"];
+                args.extend(rule.split_whitespace().skip(1));
+                run(Path::new(cmd), &args);
+            }
+            for c in &new {
+                run(Path::new(cmd), &["-t", table, "-F", c]);
+            }
+            for c in &new {
+                run(Path::new(cmd), &["-t", table, "-X", c]);
+            }
+        }
+    }
+}
+
+/// `-A` rules of chains not in `chains` that jump to one of `chains`.
+pub fn jumps_to(text: &str, chains: &[String]) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.starts_with("-A "))
+        .filter(|l| {
+            let mut it = l.split_whitespace();
+            let owner = it.nth(1).unwrap_or_default();
+            let target = l.split_whitespace().skip_while(|w| *w != "-j" && *w != "-g").nth(1).unwrap_or_default();
+            !chains.iter().any(|c| c == owner) && chains.iter().any(|c| c == target)
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// Chain names from `iptables -S` output (`-N NAME` lines).
 pub fn parse_chains(text: &str) -> Vec<String> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("-N "))
-        .map(|s| s.trim().to_string())
-        .collect()
+    text.lines().filter_map(|l| l.strip_prefix("-N ")).map(|s| s.trim().to_string()).collect()
 }
 
 /// Mount points under any of `prefixes`, deepest first, from mountinfo text.
@@ -104,10 +154,7 @@ pub fn remove_containers(t: &Teardown) {
     let base = ["-a", sock.as_str(), "-n", "k8s.io"];
     let tasks = run(&ctr, &[&base[..], &["tasks", "ls", "-q"]].concat()).unwrap_or_default();
     for id in tasks.lines().filter(|l| !l.is_empty()) {
-        run(
-            &ctr,
-            &[&base[..], &["tasks", "kill", "-s", "SIGKILL", id]].concat(),
-        );
+        run(&ctr, &[&base[..], &["tasks", "kill", "-s", "SIGKILL", id]].concat());
     }
     for id in tasks.lines().filter(|l| !l.is_empty()) {
         run(&ctr, &[&base[..], &["tasks", "delete", "-f", id]].concat());
@@ -131,11 +178,7 @@ pub fn after_stop(t: &Teardown) {
 
     // Mounts (netns under containerd's state, overlay rootfs, kubelet volumes).
     let kubelet_root = t.state_dir.join("kubelet");
-    let prefixes = [
-        t.state_dir.as_path(),
-        t.run_dir.as_path(),
-        kubelet_root.as_path(),
-    ];
+    let prefixes = [t.state_dir.as_path(), t.run_dir.as_path(), kubelet_root.as_path()];
     for _ in 0..3 {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mounts = mounts_under(&info, &prefixes);
@@ -150,25 +193,8 @@ pub fn after_stop(t: &Teardown) {
     }
 
     // kube-proxy's chains, the CNI's chains, the bridge.
-    run(
-        &t.bin_dir.join("kube-proxy"),
-        &["--cleanup", "--proxy-mode=iptables"],
-    );
-    for (table, before) in [
-        ("nat", &t.before.nat_chains),
-        ("filter", &t.before.filter_chains),
-    ] {
-        let new: Vec<String> = chains(table)
-            .into_iter()
-            .filter(|c| c.starts_with("CNI-") && !before.contains(c))
-            .collect();
-        for c in &new {
-            run(Path::new("iptables"), &["-t", table, "-F", c]);
-        }
-        for c in &new {
-            run(Path::new("iptables"), &["-t", table, "-X", c]);
-        }
-    }
+    run(&t.bin_dir.join("kube-proxy"), &["--cleanup", "--proxy-mode=iptables"]);
+    remove_new_chains(&t.before.chains);
     if Path::new("/sys/class/net").join(&t.bridge).exists() {
         run(Path::new("ip"), &["link", "delete", &t.bridge]);
     }
@@ -192,10 +218,7 @@ pub fn after_stop(t: &Teardown) {
 fn kill_shims(socket: &Path) {
     let sock = socket.display().to_string();
     for pid in processes_with_arg(&sock) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
 }
 
@@ -241,9 +264,15 @@ mod tests {
     #[test]
     fn chains_are_parsed() {
         let text = "-P PREROUTING ACCEPT\n-N KUBE-SERVICES\n-N CNI-HOSTPORT-DNAT\n-A X -j Y\n";
+        assert_eq!(parse_chains(text), vec!["KUBE-SERVICES", "CNI-HOSTPORT-DNAT"]);
+    }
+
+    #[test]
+    fn rules_jumping_to_new_chains_are_found() {
+        let text = "-N KUBE-FIREWALL\n-A INPUT -j KUBE-FIREWALL\n-A OUTPUT -p tcp -j ACCEPT\n-A KUBE-FIREWALL -j DROP\n-A OUTPUT -j KUBE-FIREWALL\n";
         assert_eq!(
-            parse_chains(text),
-            vec!["KUBE-SERVICES", "CNI-HOSTPORT-DNAT"]
+            jumps_to(text, &["KUBE-FIREWALL".to_string()]),
+            vec!["-A INPUT -j KUBE-FIREWALL", "-A OUTPUT -j KUBE-FIREWALL"]
         );
     }
 }

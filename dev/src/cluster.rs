@@ -56,10 +56,7 @@ pub enum ClusterError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
-    move |source| ClusterError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ClusterError::Io { path: path.to_path_buf(), source }
 }
 
 /// How to start a cluster.
@@ -144,10 +141,7 @@ impl Cluster {
         let (temp, state_dir) = match &opts.state_dir {
             Some(d) => (None, d.clone()),
             None => {
-                let t = tempfile::Builder::new()
-                    .prefix("sluice-dev-")
-                    .tempdir()
-                    .map_err(io_err(Path::new("/tmp")))?;
+                let t = tempfile::Builder::new().prefix("sluice-dev-").tempdir().map_err(io_err(Path::new("/tmp")))?;
                 let p = t.path().to_path_buf();
                 (Some(t), p)
             }
@@ -239,18 +233,8 @@ impl Cluster {
             Some(c.network.dns_service_ip),
             c.network.host_ip,
             &[
-                HostPort {
-                    name: "dns".into(),
-                    protocol: "UDP",
-                    port: 53,
-                    target_port: c.ports.coredns,
-                },
-                HostPort {
-                    name: "dns-tcp".into(),
-                    protocol: "TCP",
-                    port: 53,
-                    target_port: c.ports.coredns,
-                },
+                HostPort { name: "dns".into(), protocol: "UDP", port: 53, target_port: c.ports.coredns },
+                HostPort { name: "dns-tcp".into(), protocol: "TCP", port: 53, target_port: c.ports.coredns },
             ],
         )
         .await?;
@@ -264,10 +248,7 @@ impl Cluster {
         let dns_deadline = Instant::now() + Duration::from_secs(30);
         while crate::dns::resolve(dns, name).await != Some(c.network.api_service_ip) {
             if Instant::now() > dns_deadline {
-                return Err(ClusterError::Dns {
-                    name: name.into(),
-                    seconds: 30,
-                });
+                return Err(ClusterError::Dns { name: name.into(), seconds: 30 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -306,9 +287,7 @@ impl Cluster {
         self.config.audit_log()
     }
 
-    pub fn audit_records(
-        &self,
-    ) -> Result<Vec<crate::audit::AuditRecord>, crate::audit::AuditError> {
+    pub fn audit_records(&self) -> Result<Vec<crate::audit::AuditRecord>, crate::audit::AuditError> {
         crate::audit::read(&self.audit_log())
     }
 
@@ -320,40 +299,23 @@ impl Cluster {
     /// The pinned kubectl, for tests that assert its output.
     pub fn kubectl(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(self.config.bin("kubectl"));
-        cmd.env("KUBECONFIG", self.kubeconfig_path())
-            .env("KUBECACHEDIR", self.config.state_dir.join("kubectl-cache"));
+        cmd.env("KUBECONFIG", self.kubeconfig_path()).env("KUBECACHEDIR", self.config.state_dir.join("kubectl-cache"));
         cmd
     }
 
     /// Gives a server listening on this host at `port` the cluster DNS name
     /// `<name>.<namespace>.svc.cluster.local`: a selector-less Service and an
     /// EndpointSlice pointing at the host's primary IPv4.
-    pub async fn expose_host_service(
-        &self,
-        namespace: &str,
-        name: &str,
-        port: u16,
-    ) -> Result<(), ClusterError> {
+    pub async fn expose_host_service(&self, namespace: &str, name: &str, port: u16) -> Result<(), ClusterError> {
         let client = self.client().await?;
-        bootstrap::apply_host_service(
-            &client,
-            namespace,
-            name,
-            None,
-            self.host_ip(),
-            &[HostPort::tcp("tcp", port)],
-        )
-        .await?;
+        bootstrap::apply_host_service(&client, namespace, name, None, self.host_ip(), &[HostPort::tcp("tcp", port)])
+            .await?;
         Ok(())
     }
 
     /// Imports a docker-archive tar into the node.
     pub fn import_image(&self, tar: &Path) -> Result<(), ClusterError> {
-        image::import(
-            &self.config.bin("ctr"),
-            &self.config.containerd_socket(),
-            tar,
-        )?;
+        image::import(&self.config.bin("ctr"), &self.config.containerd_socket(), tar)?;
         Ok(())
     }
 
@@ -387,10 +349,7 @@ impl Cluster {
         self.runtime.stop_all();
         cleanup::after_stop(&self.teardown);
         let _ = fs::remove_file(teardown_path(&self.teardown.state_dir));
-        tracing::info!(
-            elapsed_ms = t0.elapsed().as_millis() as u64,
-            "cluster stopped"
-        );
+        tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "cluster stopped");
     }
 
     /// Stops the cluster and keeps its state folder (which a temporary
@@ -444,10 +403,7 @@ pub fn teardown_orphaned(state_dir: &Path) -> bool {
         .collect();
     cleanup::remove_containers(&t);
     for pid in ours {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
     std::thread::sleep(Duration::from_millis(500));
     cleanup::after_stop(&t);
@@ -458,11 +414,7 @@ pub fn teardown_orphaned(state_dir: &Path) -> bool {
 fn list_pids() -> Vec<i32> {
     let me = std::process::id() as i32;
     fs::read_dir("/proc")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-                .filter(|p| *p != me)
-                .collect()
-        })
+        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).filter(|p| *p != me).collect())
         .unwrap_or_default()
 }
 
@@ -508,37 +460,17 @@ fn write_pki(c: &ClusterConfig) -> Result<(), ClusterError> {
             &[lo, ip, c.network.api_service_ip.into()],
         ),
     )?;
-    issue(
-        &ca,
-        "apiserver-kubelet-client",
-        CertSpec::client("kube-apiserver-kubelet-client", &["system:masters"]),
-    )?;
-    issue(
-        &front,
-        "front-proxy-client",
-        CertSpec::client("front-proxy-client", &[]),
-    )?;
+    issue(&ca, "apiserver-kubelet-client", CertSpec::client("kube-apiserver-kubelet-client", &["system:masters"]))?;
+    issue(&front, "front-proxy-client", CertSpec::client("front-proxy-client", &[]))?;
     let mut kubelet_serving = CertSpec::server(c.node_name.clone(), &["localhost"], &[lo, ip]);
     kubelet_serving.dns_names.push(c.node_name.clone());
     issue(&ca, "kubelet-serving", kubelet_serving)?;
-    issue(
-        &ca,
-        "controller-manager-serving",
-        CertSpec::server("kube-controller-manager", &["localhost"], &[lo]),
-    )?;
-    issue(
-        &ca,
-        "scheduler-serving",
-        CertSpec::server("kube-scheduler", &["localhost"], &[lo]),
-    )?;
+    issue(&ca, "controller-manager-serving", CertSpec::server("kube-controller-manager", &["localhost"], &[lo]))?;
+    issue(&ca, "scheduler-serving", CertSpec::server("kube-scheduler", &["localhost"], &[lo]))?;
     let node_user = format!("system:node:{}", c.node_name);
     let identities: [(&str, &str, &[&str]); 7] = [
         ("admin", "sluice-admin", &["system:masters"]),
-        (
-            "kube-controller-manager",
-            "system:kube-controller-manager",
-            &[],
-        ),
+        ("kube-controller-manager", "system:kube-controller-manager", &[]),
         ("kube-scheduler", "system:kube-scheduler", &[]),
         ("kubelet", node_user.as_str(), &["system:nodes"]),
         ("kube-proxy", "system:kube-proxy", &[]),
@@ -546,11 +478,7 @@ fn write_pki(c: &ClusterConfig) -> Result<(), ClusterError> {
         ("kwok", "system:kwok", &["system:masters"]),
     ];
     for (file, user, groups) in identities {
-        issue(
-            &ca,
-            &format!("{file}-client"),
-            CertSpec::client(user, groups),
-        )?;
+        issue(&ca, &format!("{file}-client"), CertSpec::client(user, groups))?;
         let text = kubeconfig::render(
             &c.apiserver_url(),
             &c.pki("ca.crt"),

@@ -64,8 +64,6 @@ impl Component {
     /// The value of `--name=` if set (for tests and logs).
     pub fn flag_value(&self, name: &str) -> Option<&str> {
         let prefix = format!("--{name}=");
-        self.args
-            .iter()
-            .find_map(|a| a.strip_prefix(prefix.as_str()))
+        self.args.iter().find_map(|a| a.strip_prefix(prefix.as_str()))
     }
 }

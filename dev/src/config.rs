@@ -92,9 +92,7 @@ impl ClusterConfig {
     }
     /// The kubeconfig of one identity (admin, kubelet, kube-proxy, ...).
     pub fn kubeconfig(&self, identity: &str) -> PathBuf {
-        self.state_dir
-            .join("kubeconfig")
-            .join(format!("{identity}.yaml"))
+        self.state_dir.join("kubeconfig").join(format!("{identity}.yaml"))
     }
     pub fn admin_kubeconfig(&self) -> PathBuf {
         self.kubeconfig("admin")

@@ -59,10 +59,7 @@ pub async fn resolve(server: SocketAddr, name: &str) -> Option<Ipv4Addr> {
     let id = (std::process::id() as u16) ^ 0x5a5a;
     sock.send_to(&a_query(id, name), server).await.ok()?;
     let mut buf = [0u8; 512];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
+    let (n, _) = tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf)).await.ok()?.ok()?;
     first_a_record(id, &buf[..n])
 }
 

@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error(
-        "sluice-dev must run as root (it starts containerd, kubelet and kube-proxy); run it with sudo"
-    )]
+    #[error("sluice-dev must run as root (it starts containerd, kubelet and kube-proxy); run it with sudo")]
     NotRoot,
     #[error(
         "no usable cgroup hierarchy under /sys/fs/cgroup (missing: {missing}); kubelet needs the cpu, memory and pids controllers"
@@ -18,10 +16,7 @@ pub enum HostError {
     #[error(
         "missing Debian package {package} ({path} not found); install it with: apt-get update && apt-get install -y {package}"
     )]
-    MissingPackage {
-        package: &'static str,
-        path: PathBuf,
-    },
+    MissingPackage { package: &'static str, path: PathBuf },
     #[error(
         "cluster binary {path} not found; build the pinned cluster with: bash dev/scripts/build-cluster.sh (about 18 minutes cold on 2 cores), or point SLUICE_CLUSTER_BIN_DIR at its bin folder"
     )]
@@ -91,26 +86,14 @@ pub fn check_cgroups(root: &Path) -> Result<(), HostError> {
     if root.join("cgroup.controllers").exists() {
         return Ok(()); // unified (v2) hierarchy
     }
-    let missing: Vec<&str> = ["cpu", "memory", "pids"]
-        .into_iter()
-        .filter(|c| !root.join(c).is_dir())
-        .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(HostError::Cgroups {
-            missing: missing.join(", "),
-        })
-    }
+    let missing: Vec<&str> = ["cpu", "memory", "pids"].into_iter().filter(|c| !root.join(c).is_dir()).collect();
+    if missing.is_empty() { Ok(()) } else { Err(HostError::Cgroups { missing: missing.join(", ") }) }
 }
 
 pub fn check_debian_files(files: &[(&str, &'static str)]) -> Result<(), HostError> {
     for (path, package) in files {
         if !Path::new(path).exists() {
-            return Err(HostError::MissingPackage {
-                package,
-                path: PathBuf::from(path),
-            });
+            return Err(HostError::MissingPackage { package, path: PathBuf::from(path) });
         }
     }
     Ok(())
@@ -130,14 +113,10 @@ pub fn check_binaries(bin_dir: &Path) -> Result<(), HostError> {
 /// connecting a UDP socket only picks the route.
 pub fn primary_ipv4() -> Result<Ipv4Addr, HostError> {
     let sock = UdpSocket::bind("0.0.0.0:0").map_err(HostError::NoPrimaryAddress)?;
-    sock.connect("192.0.2.255:9")
-        .or_else(|_| sock.connect("10.255.255.255:9"))
-        .map_err(HostError::NoPrimaryAddress)?;
+    sock.connect("192.0.2.255:9").or_else(|_| sock.connect("10.255.255.255:9")).map_err(HostError::NoPrimaryAddress)?;
     match sock.local_addr().map_err(HostError::NoPrimaryAddress)? {
         SocketAddr::V4(a) if !a.ip().is_unspecified() => Ok(*a.ip()),
-        other => Err(HostError::NoPrimaryAddress(std::io::Error::other(format!(
-            "route chose {other}"
-        )))),
+        other => Err(HostError::NoPrimaryAddress(std::io::Error::other(format!("route chose {other}")))),
     }
 }
 
@@ -161,9 +140,7 @@ impl PortAllocator {
                 return Ok(port);
             }
         }
-        Err(HostError::Port(std::io::Error::other(
-            "no free port after 100 tries",
-        )))
+        Err(HostError::Port(std::io::Error::other("no free port after 100 tries")))
     }
 }
 
@@ -201,9 +178,6 @@ mod tests {
     #[test]
     fn missing_binaries_say_how_to_build() {
         let err = check_binaries(Path::new("/nonexistent")).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("bash dev/scripts/build-cluster.sh")
-        );
+        assert!(err.to_string().contains("bash dev/scripts/build-cluster.sh"));
     }
 }

@@ -20,14 +20,8 @@ pub const BUSYBOX_IMAGE: &str = "localhost/sluice-dev/busybox:test";
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{command} failed ({status}): {stderr}")]
-    Command {
-        command: String,
-        status: String,
-        stderr: String,
-    },
-    #[error(
-        "running {command}: {source} (is the Debian package installed? apt-get install -y buildah mmdebstrap)"
-    )]
+    Command { command: String, status: String, stderr: String },
+    #[error("running {command}: {source} (is the Debian package installed? apt-get install -y buildah mmdebstrap)")]
     Spawn {
         command: String,
         #[source]
@@ -42,19 +36,13 @@ pub enum ImageError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
-    move |source| ImageError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ImageError::Io { path: path.to_path_buf(), source }
 }
 
 fn run(cmd: &mut Command) -> Result<String, ImageError> {
     let command = format!("{cmd:?}");
     tracing::debug!(%command, "running");
-    let out = cmd.output().map_err(|source| ImageError::Spawn {
-        command: command.clone(),
-        source,
-    })?;
+    let out = cmd.output().map_err(|source| ImageError::Spawn { command: command.clone(), source })?;
     if !out.status.success() {
         return Err(ImageError::Command {
             command,
@@ -74,10 +62,7 @@ pub struct Buildah {
 
 impl Buildah {
     pub fn new(cache_root: &Path) -> Self {
-        Buildah {
-            root: cache_root.join("buildah/root"),
-            runroot: cache_root.join("buildah/runroot"),
-        }
+        Buildah { root: cache_root.join("buildah/root"), runroot: cache_root.join("buildah/runroot") }
     }
 
     pub fn cmd(&self) -> Command {
@@ -97,24 +82,11 @@ impl Buildah {
     }
 
     /// An image from a folder tree: `FROM scratch` + `ADD dir /` + config.
-    pub fn from_dir(
-        &self,
-        dir: &Path,
-        image: &str,
-        entrypoint: &str,
-        user: &str,
-    ) -> Result<(), ImageError> {
+    pub fn from_dir(&self, dir: &Path, image: &str, entrypoint: &str, user: &str) -> Result<(), ImageError> {
         let c = run(self.cmd().args(["from", "scratch"]))?;
         let result = (|| {
             run(self.cmd().arg("add").arg(&c).arg(dir).arg("/"))?;
-            run(self.cmd().args([
-                "config",
-                "--entrypoint",
-                entrypoint,
-                "--user",
-                user,
-                c.as_str(),
-            ]))?;
+            run(self.cmd().args(["config", "--entrypoint", entrypoint, "--user", user, c.as_str()]))?;
             run(self.cmd().args(["commit", "--rm", c.as_str(), image]))
         })();
         if result.is_err() {
@@ -129,11 +101,7 @@ impl Buildah {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
         let _ = fs::remove_file(tar);
-        run(self
-            .cmd()
-            .arg("push")
-            .arg(image)
-            .arg(format!("docker-archive:{}:{image}", tar.display())))?;
+        run(self.cmd().arg("push").arg(image).arg(format!("docker-archive:{}:{image}", tar.display())))?;
         Ok(())
     }
 }
@@ -164,9 +132,7 @@ pub fn busybox_image_tar(cache_root: &Path) -> Result<PathBuf, ImageError> {
     if !busybox.exists() {
         return Err(ImageError::Io {
             path: busybox.into(),
-            source: std::io::Error::other(
-                "not found; install it with: apt-get install -y busybox-static",
-            ),
+            source: std::io::Error::other("not found; install it with: apt-get install -y busybox-static"),
         });
     }
     let dir = tempfile::tempdir().map_err(io_err(cache_root))?;
@@ -174,19 +140,16 @@ pub fn busybox_image_tar(cache_root: &Path) -> Result<PathBuf, ImageError> {
     fs::create_dir_all(&bin).map_err(io_err(&bin))?;
     fs::copy(busybox, bin.join("busybox")).map_err(io_err(busybox))?;
     for applet in [
-        "sh", "cat", "echo", "env", "ls", "nslookup", "wget", "sleep", "nc", "trap", "kill",
-        "grep", "head", "date", "id", "true", "false", "httpd", "mkdir", "touch",
+        "sh", "cat", "echo", "env", "ls", "nslookup", "wget", "sleep", "nc", "trap", "kill", "grep", "head", "date",
+        "id", "true", "false", "httpd", "mkdir", "touch",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).map_err(io_err(&bin))?;
     }
     for d in ["tmp", "etc"] {
         fs::create_dir_all(dir.path().join(d)).map_err(io_err(dir.path()))?;
     }
-    fs::write(
-        dir.path().join("etc/passwd"),
-        "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
-    )
-    .map_err(io_err(dir.path()))?;
+    fs::write(dir.path().join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
+        .map_err(io_err(dir.path()))?;
     let b = Buildah::new(cache_root);
     b.from_dir(dir.path(), BUSYBOX_IMAGE, r#"["/bin/sh"]"#, "65534:65534")?;
     b.save(BUSYBOX_IMAGE, &tar)?;
@@ -212,11 +175,7 @@ pub fn base_image(cache_root: &Path) -> Result<String, ImageError> {
         r#"printf 'root:x:0:\nnonroot:x:65532:\n' > etc/group && mkdir -p home/nonroot"#
     );
     run(Command::new("mmdebstrap")
-        .args([
-            "--mode=chrootless",
-            "--variant=custom",
-            "--include=libc6,libgcc-s1,libssl3,ca-certificates",
-        ])
+        .args(["--mode=chrootless", "--variant=custom", "--include=libc6,libgcc-s1,libssl3,ca-certificates"])
         .arg(format!("--customize-hook={hook}"))
         .arg("bookworm")
         .arg(&tar)
@@ -241,11 +200,7 @@ pub struct ImageSpec {
 /// `RUNTIME_IMAGE`, unless nothing in the context changed since the last
 /// build. Returns the docker-archive tar.
 pub fn build(spec: &ImageSpec, cache_root: &Path) -> Result<PathBuf, ImageError> {
-    let safe: String = spec
-        .name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+    let safe: String = spec.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     let tar = cache_root.join(format!("images/{safe}.tar"));
     let stamp = cache_root.join(format!("images/{safe}.fingerprint"));
     let mut fp = fingerprint(&spec.dockerfile, &spec.context)?;
@@ -318,11 +273,7 @@ pub fn fingerprint(dockerfile: &Path, context: &Path) -> Result<String, ImageErr
 
 /// Loads a docker-archive tar into the node's containerd (namespace k8s.io).
 pub fn import(ctr: &Path, containerd_socket: &Path, tar: &Path) -> Result<(), ImageError> {
-    run(Command::new(ctr)
-        .arg("-a")
-        .arg(containerd_socket)
-        .args(["-n", "k8s.io", "images", "import"])
-        .arg(tar))?;
+    run(Command::new(ctr).arg("-a").arg(containerd_socket).args(["-n", "k8s.io", "images", "import"]).arg(tar))?;
     Ok(())
 }
 

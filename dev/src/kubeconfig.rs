@@ -57,17 +57,12 @@ current-context: sluice-dev
 
 /// A client from a kubeconfig file.
 pub async fn client(path: &Path) -> Result<kube::Client, KubeconfigError> {
-    let kc = Kubeconfig::read_from(path).map_err(|source| KubeconfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let kc = Kubeconfig::read_from(path)
+        .map_err(|source| KubeconfigError::Read { path: path.display().to_string(), source })?;
     let server = path.display().to_string();
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
-        .map_err(|source| KubeconfigError::Config {
-            server: server.clone(),
-            source,
-        })?;
+        .map_err(|source| KubeconfigError::Config { server: server.clone(), source })?;
     kube::Client::try_from(config).map_err(|source| KubeconfigError::Client { server, source })
 }
 
@@ -83,20 +78,12 @@ current-context: c
 ",
         ca.display()
     );
-    let kc = Kubeconfig::from_yaml(&yaml).map_err(|source| KubeconfigError::Config {
-        server: server.to_string(),
-        source,
-    })?;
+    let kc = Kubeconfig::from_yaml(&yaml)
+        .map_err(|source| KubeconfigError::Config { server: server.to_string(), source })?;
     let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await
-        .map_err(|source| KubeconfigError::Config {
-            server: server.to_string(),
-            source,
-        })?;
-    kube::Client::try_from(config).map_err(|source| KubeconfigError::Client {
-        server: server.to_string(),
-        source,
-    })
+        .map_err(|source| KubeconfigError::Config { server: server.to_string(), source })?;
+    kube::Client::try_from(config).map_err(|source| KubeconfigError::Client { server: server.to_string(), source })
 }
 
 #[cfg(test)]

@@ -9,10 +9,7 @@ use sluice_dev::image::{self, ImageSpec};
 use sluice_dev::{Cluster, ClusterOptions, host};
 
 #[derive(Parser)]
-#[command(
-    name = "sluice-dev",
-    about = "A real one-node Kubernetes cluster for Sluice"
-)]
+#[command(name = "sluice-dev", about = "A real one-node Kubernetes cluster for Sluice")]
 struct Cli {
     /// The cluster's state folder (data, certificates, logs, kubeconfig).
     #[arg(long, global = true, env = "SLUICE_DEV_STATE_DIR")]
@@ -80,67 +77,36 @@ fn pid_alive(pid: i32) -> bool {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "sluice_dev=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "sluice_dev=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let state = cli.state_dir.unwrap_or_else(default_state_dir);
     match cli.command {
-        Cmd::Up {
-            virtual_nodes,
-            images,
-            bin_dir,
-        } => up(state, virtual_nodes, images, bin_dir).await,
+        Cmd::Up { virtual_nodes, images, bin_dir } => up(state, virtual_nodes, images, bin_dir).await,
         Cmd::Down => down(&state),
         Cmd::Kubeconfig => {
             let path = state.join("kubeconfig/admin.yaml");
             if !path.exists() {
-                bail!(
-                    "no cluster at {}; start one with: sluice-dev up",
-                    state.display()
-                );
+                bail!("no cluster at {}; start one with: sluice-dev up", state.display());
             }
             println!("{}", path.display());
             Ok(())
         }
-        Cmd::Image {
-            dockerfile,
-            context,
-            target,
-            name,
-            build_args,
-            no_import,
-        } => {
+        Cmd::Image { dockerfile, context, target, name, build_args, no_import } => {
             let context = context.unwrap_or_else(|| {
-                dockerfile
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."))
-                    .to_path_buf()
+                dockerfile.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
             });
             let mut args = Vec::new();
             for a in build_args {
-                let (k, v) = a
-                    .split_once('=')
-                    .with_context(|| format!("--build-arg {a}: expected KEY=VALUE"))?;
+                let (k, v) = a.split_once('=').with_context(|| format!("--build-arg {a}: expected KEY=VALUE"))?;
                 args.push((k.to_string(), v.to_string()));
             }
-            let spec = ImageSpec {
-                dockerfile,
-                context,
-                target,
-                name: name.clone(),
-                build_args: args,
-            };
+            let spec = ImageSpec { dockerfile, context, target, name: name.clone(), build_args: args };
             let t0 = Instant::now();
             let tar = image::build(&spec, &host::cache_root())?;
-            eprintln!(
-                "built {name} in {:.1} s: {}",
-                t0.elapsed().as_secs_f64(),
-                tar.display()
-            );
+            eprintln!("built {name} in {:.1} s: {}", t0.elapsed().as_secs_f64(), tar.display());
             if !no_import {
                 let socket = state.join("containerd/containerd.sock");
                 if !socket.exists() {
@@ -150,39 +116,25 @@ async fn main() -> anyhow::Result<()> {
                     );
                 }
                 image::import(&host::default_bin_dir().join("ctr"), &socket, &tar)?;
-                eprintln!(
-                    "imported {name} into the node; use imagePullPolicy: Never or IfNotPresent"
-                );
+                eprintln!("imported {name} into the node; use imagePullPolicy: Never or IfNotPresent");
             }
             Ok(())
         }
     }
 }
 
-async fn up(
-    state: PathBuf,
-    virtual_nodes: u32,
-    images: Vec<PathBuf>,
-    bin_dir: Option<PathBuf>,
-) -> anyhow::Result<()> {
+async fn up(state: PathBuf, virtual_nodes: u32, images: Vec<PathBuf>, bin_dir: Option<PathBuf>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     if let Some(pid) = std::fs::read_to_string(up_pid_path(&state))
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
         .filter(|p| pid_alive(*p))
     {
-        bail!(
-            "a cluster already runs from {} (pid {pid}); stop it with: sluice-dev down",
-            state.display()
-        );
+        bail!("a cluster already runs from {} (pid {pid}); stop it with: sluice-dev down", state.display());
     }
     std::fs::write(up_pid_path(&state), std::process::id().to_string())?;
-    let mut opts = ClusterOptions {
-        state_dir: Some(state.clone()),
-        virtual_nodes,
-        images,
-        ..ClusterOptions::default()
-    };
+    let mut opts =
+        ClusterOptions { state_dir: Some(state.clone()), virtual_nodes, images, ..ClusterOptions::default() };
     if let Some(b) = bin_dir {
         opts.bin_dir = b;
     }
@@ -219,14 +171,9 @@ async fn up(
 }
 
 fn down(state: &Path) -> anyhow::Result<()> {
-    let pid = std::fs::read_to_string(up_pid_path(state))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok());
+    let pid = std::fs::read_to_string(up_pid_path(state)).ok().and_then(|s| s.trim().parse::<i32>().ok());
     if let Some(pid) = pid.filter(|p| pid_alive(*p)) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)?;
         let deadline = Instant::now() + Duration::from_secs(120);
         while pid_alive(pid) {
             if Instant::now() > deadline {
@@ -236,10 +183,7 @@ fn down(state: &Path) -> anyhow::Result<()> {
         }
         eprintln!("stopped the cluster of {}", state.display());
     } else if sluice_dev::cluster::teardown_orphaned(state) {
-        eprintln!(
-            "cleaned up after a cluster of {} whose `up` had died",
-            state.display()
-        );
+        eprintln!("cleaned up after a cluster of {} whose `up` had died", state.display());
     } else {
         eprintln!("no cluster at {}", state.display());
     }

@@ -5,8 +5,8 @@
 use std::net::IpAddr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -77,10 +77,7 @@ impl std::fmt::Debug for TinyCa {
 }
 
 fn generate_err(name: &str) -> impl FnOnce(rcgen::Error) -> PkiError + '_ {
-    move |source| PkiError::Generate {
-        name: name.to_string(),
-        source,
-    }
+    move |source| PkiError::Generate { name: name.to_string(), source }
 }
 
 impl TinyCa {
@@ -88,24 +85,13 @@ impl TinyCa {
         let err = generate_err(common_name);
         let key = KeyPair::generate().map_err(generate_err(common_name))?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params
-            .self_signed(&key)
-            .map_err(generate_err(common_name))?;
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key).map_err(generate_err(common_name))?;
         let key_pem = key.serialize_pem();
-        Ok(TinyCa {
-            cert_pem: cert.pem(),
-            key_pem,
-            issuer: Issuer::new(params, key),
-        })
+        Ok(TinyCa { cert_pem: cert.pem(), key_pem, issuer: Issuer::new(params, key) })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -120,13 +106,10 @@ impl TinyCa {
     pub fn issue(&self, spec: &CertSpec) -> Result<CertPair, PkiError> {
         let name = spec.common_name.as_str();
         let key = KeyPair::generate().map_err(generate_err(name))?;
-        let mut params =
-            CertificateParams::new(Vec::<String>::new()).map_err(generate_err(name))?;
+        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(generate_err(name))?;
         params.distinguished_name.push(DnType::CommonName, name);
         for org in &spec.organizations {
-            params
-                .distinguished_name
-                .push(DnType::OrganizationName, org.as_str());
+            params.distinguished_name.push(DnType::OrganizationName, org.as_str());
         }
         for dns in &spec.dns_names {
             let dns = dns.clone().try_into().map_err(generate_err(name))?;
@@ -135,37 +118,22 @@ impl TinyCa {
         for ip in &spec.ip_addresses {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
         }
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         if spec.server {
-            params
-                .extended_key_usages
-                .push(ExtendedKeyUsagePurpose::ServerAuth);
+            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
         }
         if spec.client {
-            params
-                .extended_key_usages
-                .push(ExtendedKeyUsagePurpose::ClientAuth);
+            params.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
         }
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(generate_err(name))?;
-        Ok(CertPair {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        let cert = params.signed_by(&key, &self.issuer).map_err(generate_err(name))?;
+        Ok(CertPair { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
 
 /// A key pair for signing service account tokens (private and public PEM).
 pub fn service_account_key() -> Result<CertPair, PkiError> {
     let key = KeyPair::generate().map_err(generate_err("service-accounts"))?;
-    Ok(CertPair {
-        cert_pem: key.public_key_pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(CertPair { cert_pem: key.public_key_pem(), key_pem: key.serialize_pem() })
 }
 
 #[cfg(test)]
@@ -176,17 +144,11 @@ mod tests {
     fn issues_pem_certificates() {
         let ca = TinyCa::new("sluice-dev-ca").unwrap();
         assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
-        let pair = ca
-            .issue(&CertSpec::client("system:node:n", &["system:nodes"]))
-            .unwrap();
+        let pair = ca.issue(&CertSpec::client("system:node:n", &["system:nodes"])).unwrap();
         assert!(pair.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(pair.key_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
         let server = ca
-            .issue(&CertSpec::server(
-                "kube-apiserver",
-                &["kubernetes.default.svc"],
-                &["127.0.0.1".parse().unwrap()],
-            ))
+            .issue(&CertSpec::server("kube-apiserver", &["kubernetes.default.svc"], &["127.0.0.1".parse().unwrap()]))
             .unwrap();
         assert_ne!(server.cert_pem, pair.cert_pem);
     }

@@ -44,27 +44,11 @@ pub enum RuntimeError {
         source: std::io::Error,
     },
     #[error("{component} exited ({status}) before it was healthy; last lines of {log}:\n{tail}")]
-    Exited {
-        component: &'static str,
-        status: String,
-        log: PathBuf,
-        tail: String,
-    },
-    #[error(
-        "{component} was not healthy ({check}) within {timeout:?}; last lines of {log}:\n{tail}"
-    )]
-    Unhealthy {
-        component: &'static str,
-        check: String,
-        timeout: Duration,
-        log: PathBuf,
-        tail: String,
-    },
+    Exited { component: &'static str, status: String, log: PathBuf, tail: String },
+    #[error("{component} was not healthy ({check}) within {timeout:?}; last lines of {log}:\n{tail}")]
+    Unhealthy { component: &'static str, check: String, timeout: Duration, log: PathBuf, tail: String },
     #[error("{component} waits for {missing}, which is not part of this cluster")]
-    UnknownDependency {
-        component: &'static str,
-        missing: &'static str,
-    },
+    UnknownDependency { component: &'static str, missing: &'static str },
     #[error("no component named {0} is running")]
     NotRunning(String),
 }
@@ -86,28 +70,18 @@ pub struct Runtime {
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime")
-            .field("logs_dir", &self.logs_dir)
-            .field("running", &self.pids())
-            .finish()
+        f.debug_struct("Runtime").field("logs_dir", &self.logs_dir).field("running", &self.pids()).finish()
     }
 }
 
 impl Runtime {
     pub fn new(logs_dir: PathBuf) -> Self {
-        Runtime {
-            logs_dir,
-            running: Vec::new(),
-            https_clients: HashMap::new(),
-        }
+        Runtime { logs_dir, running: Vec::new(), https_clients: HashMap::new() }
     }
 
     /// (name, pid) of every running component, in start order.
     pub fn pids(&self) -> Vec<(&'static str, u32)> {
-        self.running
-            .iter()
-            .map(|r| (r.component.name, r.child.id()))
-            .collect()
+        self.running.iter().map(|r| (r.component.name, r.child.id())).collect()
     }
 
     pub fn log_path(&self, name: &str) -> PathBuf {
@@ -121,10 +95,7 @@ impl Runtime {
         for c in &components {
             for dep in &c.waits_for {
                 if !names.contains(dep) && !self.running.iter().any(|r| r.component.name == *dep) {
-                    return Err(RuntimeError::UnknownDependency {
-                        component: c.name,
-                        missing: dep,
-                    });
+                    return Err(RuntimeError::UnknownDependency { component: c.name, missing: dep });
                 }
             }
         }
@@ -132,11 +103,10 @@ impl Runtime {
         loop {
             let mut i = 0;
             while i < pending.len() {
-                let ready = pending[i].waits_for.iter().all(|dep| {
-                    self.running
-                        .iter()
-                        .any(|r| r.component.name == *dep && r.healthy)
-                });
+                let ready = pending[i]
+                    .waits_for
+                    .iter()
+                    .all(|dep| self.running.iter().any(|r| r.component.name == *dep && r.healthy));
                 if ready {
                     let c = pending.remove(i);
                     self.spawn(c)?;
@@ -195,11 +165,7 @@ impl Runtime {
     fn spawn(&mut self, c: Component) -> Result<(), RuntimeError> {
         let write_err = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| RuntimeError::WriteFile {
-                component: c.name,
-                path,
-                source,
-            }
+            move |source| RuntimeError::WriteFile { component: c.name, path, source }
         };
         fs::create_dir_all(&c.workdir).map_err(write_err(&c.workdir))?;
         fs::create_dir_all(&self.logs_dir).map_err(write_err(&self.logs_dir))?;
@@ -210,11 +176,7 @@ impl Runtime {
             fs::write(path, text).map_err(write_err(path))?;
         }
         let log = self.log_path(c.name);
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(write_err(&log))?;
+        let out = OpenOptions::new().create(true).append(true).open(&log).map_err(write_err(&log))?;
         let err = out.try_clone().map_err(write_err(&log))?;
         let mut cmd = Command::new(&c.command);
         cmd.args(&c.args)
@@ -239,13 +201,7 @@ impl Runtime {
             source,
         })?;
         tracing::info!(component = c.name, pid = child.id(), log = %log.display(), "started");
-        self.running.push(Running {
-            component: c,
-            child,
-            log,
-            healthy: false,
-            started: Instant::now(),
-        });
+        self.running.push(Running { component: c, child, log, healthy: false, started: Instant::now() });
         Ok(())
     }
 
@@ -290,11 +246,7 @@ fn terminate(child: &mut Child, timeout: Duration, name: &str) {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
-    tracing::warn!(
-        component = name,
-        ?timeout,
-        "did not stop after SIGTERM; killing it"
-    );
+    tracing::warn!(component = name, ?timeout, "did not stop after SIGTERM; killing it");
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -309,9 +261,7 @@ pub async fn probe(check: &HealthCheck, clients: &mut HashMap<String, kube::Clie
             HealthCheck::Https { url, ca } => https_get_ok(url, ca, clients).await,
         }
     };
-    tokio::time::timeout(Duration::from_secs(3), attempt)
-        .await
-        .unwrap_or(false)
+    tokio::time::timeout(Duration::from_secs(3), attempt).await.unwrap_or(false)
 }
 
 /// A minimal HTTP/1.0 GET (health endpoints on loopback only).
@@ -343,10 +293,7 @@ async fn http_get_ok(url: &str) -> bool {
 }
 
 async fn https_get_ok(url: &str, ca: &Path, clients: &mut HashMap<String, kube::Client>) -> bool {
-    let Some(split) = url
-        .find("://")
-        .and_then(|i| url[i + 3..].find('/').map(|j| i + 3 + j))
-    else {
+    let Some(split) = url.find("://").and_then(|i| url[i + 3..].find('/').map(|j| i + 3 + j)) else {
         return false;
     };
     let (server, path) = url.split_at(split);
@@ -409,10 +356,7 @@ mod tests {
         assert_eq!(fs::read_to_string(dir.path().join("b/conf")).unwrap(), "x");
         rt.stop_all();
         for (_, pid) in pids {
-            assert!(
-                kill(Pid::from_raw(pid as i32), None).is_err(),
-                "{pid} still alive"
-            );
+            assert!(kill(Pid::from_raw(pid as i32), None).is_err(), "{pid} still alive");
         }
     }
 
@@ -422,9 +366,7 @@ mod tests {
         let mut rt = Runtime::new(dir.path().join("logs"));
         let mut c = Component::new("bad", "/bin/sh".into(), dir.path().to_path_buf());
         c.args = vec!["-c".into(), "echo boom >&2; exit 3".into()];
-        c.health = HealthCheck::Http {
-            url: "http://127.0.0.1:1/".into(),
-        };
+        c.health = HealthCheck::Http { url: "http://127.0.0.1:1/".into() };
         let err = rt.start(vec![c]).await.unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("bad exited"), "{msg}");
@@ -437,9 +379,6 @@ mod tests {
         let mut rt = Runtime::new(dir.path().join("logs"));
         let mut c = sleeper("x", dir.path());
         c.waits_for = vec!["nope"];
-        assert!(matches!(
-            rt.start(vec![c]).await,
-            Err(RuntimeError::UnknownDependency { .. })
-        ));
+        assert!(matches!(rt.start(vec![c]).await, Err(RuntimeError::UnknownDependency { .. })));
     }
 }

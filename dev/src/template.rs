@@ -13,10 +13,7 @@ pub struct Template {
 
 macro_rules! template {
     ($ident:ident, $file:literal) => {
-        pub const $ident: Template = Template {
-            name: $file,
-            text: include_str!(concat!("../config/", $file)),
-        };
+        pub const $ident: Template = Template { name: $file, text: include_str!(concat!("../config/", $file)) };
     };
 }
 
@@ -32,15 +29,9 @@ template!(COREDNS_RBAC, "coredns-rbac.yaml");
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TemplateError {
     #[error("template {template}: placeholder {{{{{placeholder}}}}} has no value")]
-    Unbound {
-        template: &'static str,
-        placeholder: String,
-    },
+    Unbound { template: &'static str, placeholder: String },
     #[error("template {template}: value {name} is not used by the template")]
-    Unused {
-        template: &'static str,
-        name: String,
-    },
+    Unused { template: &'static str, name: String },
 }
 
 impl Template {
@@ -66,20 +57,14 @@ impl Template {
                     out.push_str(values[i].1);
                 }
                 None => {
-                    return Err(TemplateError::Unbound {
-                        template: self.name,
-                        placeholder: key.to_string(),
-                    });
+                    return Err(TemplateError::Unbound { template: self.name, placeholder: key.to_string() });
                 }
             }
             rest = &after[end + 2..];
         }
         out.push_str(rest);
         if let Some(i) = used.iter().position(|u| !u) {
-            return Err(TemplateError::Unused {
-                template: self.name,
-                name: values[i].0.to_string(),
-            });
+            return Err(TemplateError::Unused { template: self.name, name: values[i].0.to_string() });
         }
         Ok(out)
     }
@@ -89,10 +74,7 @@ impl Template {
 mod tests {
     use super::*;
 
-    const T: Template = Template {
-        name: "t",
-        text: "a: {{x}}\nb: {{ y }}\n",
-    };
+    const T: Template = Template { name: "t", text: "a: {{x}}\nb: {{ y }}\n" };
 
     #[test]
     fn renders_every_placeholder() {
@@ -101,21 +83,12 @@ mod tests {
 
     #[test]
     fn missing_value_is_an_error() {
-        assert_eq!(
-            T.render(&[("x", "1")]),
-            Err(TemplateError::Unbound {
-                template: "t",
-                placeholder: "y".into()
-            })
-        );
+        assert_eq!(T.render(&[("x", "1")]), Err(TemplateError::Unbound { template: "t", placeholder: "y".into() }));
     }
 
     #[test]
     fn unused_value_is_an_error() {
-        assert!(matches!(
-            T.render(&[("x", "1"), ("y", "2"), ("z", "3")]),
-            Err(TemplateError::Unused { .. })
-        ));
+        assert!(matches!(T.render(&[("x", "1"), ("y", "2"), ("z", "3")]), Err(TemplateError::Unused { .. })));
     }
 
     #[test]

@@ -9,10 +9,7 @@ pub const NAME: &str = "containerd";
 
 /// PATH for the node's processes: containerd finds its shim there.
 pub fn node_path(c: &ClusterConfig) -> String {
-    format!(
-        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        c.bin_dir.display()
-    )
+    format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", c.bin_dir.display())
 }
 
 pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
@@ -24,6 +21,7 @@ pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
         ("root", &s(dir.join("root"))),
         ("state", &s(c.run_dir.join("containerd"))),
         ("socket", &s(socket.clone())),
+        ("debug_socket", &s(c.run_dir.join("containerd-debug.sock"))),
         ("shim_socket_dir", &s(c.run_dir.join("s"))),
         ("sandbox_image", &c.pause_image),
         ("runc", &s(c.runc.clone())),
@@ -40,10 +38,7 @@ pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
     ])?;
     let mut comp = Component::new(NAME, c.bin(NAME), dir).flag("config", config.display());
     comp.env = vec![("PATH".into(), node_path(c))];
-    comp.files = vec![
-        (config, rendered),
-        (c.cni_conf_dir().join("10-sluice-dev.conflist"), conflist),
-    ];
+    comp.files = vec![(config, rendered), (c.cni_conf_dir().join("10-sluice-dev.conflist"), conflist)];
     comp.health = HealthCheck::UnixSocket { path: socket };
     Ok(comp)
 }

@@ -22,8 +22,6 @@ pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
     comp.waits_for = vec![super::kube_apiserver::NAME];
     comp.ports = vec![("dns", c.ports.coredns), ("ready", c.ports.coredns_ready)];
     comp.files = vec![(corefile, rendered)];
-    comp.health = HealthCheck::Http {
-        url: format!("http://127.0.0.1:{}/ready", c.ports.coredns_ready),
-    };
+    comp.health = HealthCheck::Http { url: format!("http://127.0.0.1:{}/ready", c.ports.coredns_ready) };
     Ok(comp)
 }

@@ -25,9 +25,7 @@ pub fn build(c: &ClusterConfig) -> Component {
         .flag("unsafe-no-fsync", true)
         .flag("log-level", "warn");
     comp.ports = vec![("client", c.ports.etcd_client), ("peer", c.ports.etcd_peer)];
-    comp.health = HealthCheck::Http {
-        url: format!("{client}/health"),
-    };
+    comp.health = HealthCheck::Http { url: format!("{client}/health") };
     comp.start_timeout = Duration::from_secs(30);
     comp
 }

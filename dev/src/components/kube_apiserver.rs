@@ -13,10 +13,7 @@ pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
     let audit_policy = dir.join("audit-policy.yaml");
     let pki = |f: &str| c.pki(f).display().to_string();
     let mut comp = Component::new(NAME, c.bin(NAME), dir.clone())
-        .flag(
-            "etcd-servers",
-            format!("http://127.0.0.1:{}", c.ports.etcd_client),
-        )
+        .flag("etcd-servers", format!("http://127.0.0.1:{}", c.ports.etcd_client))
         .flag("bind-address", c.network.host_ip)
         .flag("advertise-address", c.network.host_ip)
         .flag("secure-port", c.ports.apiserver)
@@ -24,17 +21,11 @@ pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
         .flag("tls-cert-file", pki("apiserver.crt"))
         .flag("tls-private-key-file", pki("apiserver.key"))
         .flag("client-ca-file", pki("ca.crt"))
-        .flag(
-            "kubelet-client-certificate",
-            pki("apiserver-kubelet-client.crt"),
-        )
+        .flag("kubelet-client-certificate", pki("apiserver-kubelet-client.crt"))
         .flag("kubelet-client-key", pki("apiserver-kubelet-client.key"))
         .flag("kubelet-certificate-authority", pki("ca.crt"))
         .flag("kubelet-preferred-address-types", "InternalIP")
-        .flag(
-            "service-account-issuer",
-            "https://kubernetes.default.svc.cluster.local",
-        )
+        .flag("service-account-issuer", "https://kubernetes.default.svc.cluster.local")
         .flag("service-account-key-file", pki("sa.pub"))
         .flag("service-account-signing-key-file", pki("sa.key"))
         .flag("authorization-mode", "Node,RBAC")
@@ -60,9 +51,6 @@ pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
     comp.waits_for = vec![super::etcd::NAME];
     comp.ports = vec![("https", c.ports.apiserver)];
     comp.files = vec![(audit_policy, template::AUDIT_POLICY.render(&[])?)];
-    comp.health = HealthCheck::Https {
-        url: format!("{}/readyz", c.apiserver_url()),
-        ca: c.pki("ca.crt"),
-    };
+    comp.health = HealthCheck::Https { url: format!("{}/readyz", c.apiserver_url()), ca: c.pki("ca.crt") };
     Ok(comp)
 }

@@ -17,10 +17,7 @@ pub fn build(c: &ClusterConfig) -> Component {
         .flag("bind-address", "127.0.0.1")
         .flag("secure-port", c.ports.controller_manager)
         .flag("tls-cert-file", pki("controller-manager-serving.crt"))
-        .flag(
-            "tls-private-key-file",
-            pki("controller-manager-serving.key"),
-        )
+        .flag("tls-private-key-file", pki("controller-manager-serving.key"))
         .flag("client-ca-file", pki("ca.crt"))
         .flag("root-ca-file", pki("ca.crt"))
         .flag("cluster-signing-cert-file", pki("ca.crt"))

@@ -18,19 +18,12 @@ pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
         ("metrics_port", &c.ports.kube_proxy_metrics.to_string()),
         ("pod_cidr", &c.network.pod_cidr),
     ])?;
-    let mut comp = Component::new(NAME, c.bin(NAME), dir)
-        .flag("config", config.display())
-        .flag("v", 1);
+    let mut comp = Component::new(NAME, c.bin(NAME), dir).flag("config", config.display()).flag("v", 1);
     comp.waits_for = vec![super::kube_apiserver::NAME];
     comp.env = vec![("PATH".into(), super::containerd::node_path(c))];
-    comp.ports = vec![
-        ("healthz", c.ports.kube_proxy_healthz),
-        ("metrics", c.ports.kube_proxy_metrics),
-    ];
+    comp.ports = vec![("healthz", c.ports.kube_proxy_healthz), ("metrics", c.ports.kube_proxy_metrics)];
     comp.files = vec![(config, rendered)];
-    comp.health = HealthCheck::Http {
-        url: format!("http://127.0.0.1:{}/livez", c.ports.kube_proxy_healthz),
-    };
+    comp.health = HealthCheck::Http { url: format!("http://127.0.0.1:{}/livez", c.ports.kube_proxy_healthz) };
     Ok(comp)
 }
 

@@ -23,13 +23,8 @@ pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
         .flag("v", 1);
     comp.waits_for = vec![super::kube_apiserver::NAME];
     comp.ports = vec![("https", c.ports.scheduler)];
-    comp.files = vec![(
-        config,
-        template::KUBE_SCHEDULER.render(&[("kubeconfig", &kubeconfig)])?,
-    )];
-    comp.health = HealthCheck::Https {
-        url: format!("https://127.0.0.1:{}/healthz", c.ports.scheduler),
-        ca: c.pki("ca.crt"),
-    };
+    comp.files = vec![(config, template::KUBE_SCHEDULER.render(&[("kubeconfig", &kubeconfig)])?)];
+    comp.health =
+        HealthCheck::Https { url: format!("https://127.0.0.1:{}/healthz", c.ports.scheduler), ca: c.pki("ca.crt") };
     Ok(comp)
 }

@@ -34,8 +34,6 @@ pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
     comp.env = vec![("PATH".into(), super::containerd::node_path(c))];
     comp.ports = vec![("https", c.ports.kubelet)];
     comp.files = vec![(config, rendered)];
-    comp.health = HealthCheck::Http {
-        url: format!("http://127.0.0.1:{}/healthz", c.ports.kubelet_healthz),
-    };
+    comp.health = HealthCheck::Http { url: format!("http://127.0.0.1:{}/healthz", c.ports.kubelet_healthz) };
     Ok(comp)
 }

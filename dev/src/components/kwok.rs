@@ -12,18 +12,13 @@ pub fn build(c: &ClusterConfig) -> Component {
         .flag("kubeconfig", c.kubeconfig(NAME).display())
         .flag("config", c.share_dir.join("kwok/stages.yaml").display())
         .flag("manage-all-nodes", false)
-        .flag(
-            "manage-nodes-with-annotation-selector",
-            format!("{NODE_ANNOTATION}=fake"),
-        )
+        .flag("manage-nodes-with-annotation-selector", format!("{NODE_ANNOTATION}=fake"))
         .flag("node-lease-duration-seconds", 40)
         .flag("cidr", "10.128.0.0/12")
         .flag("node-ip", c.network.host_ip)
         .flag("server-address", format!("127.0.0.1:{}", c.ports.kwok));
     comp.waits_for = vec![super::kube_apiserver::NAME];
     comp.ports = vec![("http", c.ports.kwok)];
-    comp.health = HealthCheck::Http {
-        url: format!("http://127.0.0.1:{}/healthz", c.ports.kwok),
-    };
+    comp.health = HealthCheck::Http { url: format!("http://127.0.0.1:{}/healthz", c.ports.kwok) };
     comp
 }

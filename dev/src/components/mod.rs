@@ -29,11 +29,7 @@ pub fn control_plane(c: &ClusterConfig) -> Result<Vec<Component>, TemplateError>
 
 /// kubelet, kube-proxy, CoreDNS, and KWOK when virtual nodes were asked for.
 pub fn node(c: &ClusterConfig) -> Result<Vec<Component>, TemplateError> {
-    let mut v = vec![
-        kubelet::build(c)?,
-        kube_proxy::build(c)?,
-        coredns::build(c)?,
-    ];
+    let mut v = vec![kubelet::build(c)?, kube_proxy::build(c)?, coredns::build(c)?];
     if c.virtual_nodes > 0 {
         v.push(kwok::build(c));
     }
@@ -60,20 +56,11 @@ mod tests {
         for (i, comp) in comps.iter().enumerate() {
             for dep in &comp.waits_for {
                 let pos = comps.iter().position(|x| x.name == *dep);
-                assert!(
-                    matches!(pos, Some(p) if p < i),
-                    "{} waits for {dep}",
-                    comp.name
-                );
+                assert!(matches!(pos, Some(p) if p < i), "{} waits for {dep}", comp.name);
             }
         }
         assert_eq!(comps.len(), 9);
-        assert!(
-            node(&test_config())
-                .unwrap()
-                .iter()
-                .all(|x| x.name != "kwok")
-        );
+        assert!(node(&test_config()).unwrap().iter().all(|x| x.name != "kwok"));
     }
 
     #[test]
@@ -81,19 +68,13 @@ mod tests {
         let c = test_config();
         let a = kube_apiserver::build(&c).unwrap();
         assert_eq!(a.flag_value("authorization-mode"), Some("Node,RBAC"));
-        assert_eq!(
-            a.flag_value("enable-admission-plugins"),
-            Some("NodeRestriction,PodSecurity")
-        );
+        assert_eq!(a.flag_value("enable-admission-plugins"), Some("NodeRestriction,PodSecurity"));
         assert_eq!(a.flag_value("etcd-servers"), Some("http://127.0.0.1:2001"));
         assert_eq!(a.flag_value("advertise-address"), Some("192.0.2.2"));
         assert_eq!(a.flag_value("audit-log-path"), Some("/s/logs/audit.log"));
         assert_eq!(
             a.health,
-            HealthCheck::Https {
-                url: "https://192.0.2.2:2003/readyz".into(),
-                ca: "/s/pki/ca.crt".into()
-            }
+            HealthCheck::Https { url: "https://192.0.2.2:2003/readyz".into(), ca: "/s/pki/ca.crt".into() }
         );
         assert!(a.files[0].1.contains("level: Metadata"));
     }
@@ -102,10 +83,7 @@ mod tests {
     fn controller_manager_gives_pods_the_ca() {
         let cm = kube_controller_manager::build(&test_config());
         assert_eq!(cm.flag_value("root-ca-file"), Some("/s/pki/ca.crt"));
-        assert_eq!(
-            cm.flag_value("use-service-account-credentials"),
-            Some("true")
-        );
+        assert_eq!(cm.flag_value("use-service-account-credentials"), Some("true"));
     }
 
     #[test]
@@ -119,10 +97,7 @@ mod tests {
         assert_eq!(v["cgroupDriver"].as_str(), Some("cgroupfs"));
         assert_eq!(v["failCgroupV1"].as_bool(), Some(false));
         assert_eq!(v["clusterDNS"][0].as_str(), Some("10.96.0.10"));
-        assert_eq!(
-            v["containerRuntimeEndpoint"].as_str(),
-            Some("unix:///s/containerd/containerd.sock")
-        );
+        assert_eq!(v["containerRuntimeEndpoint"].as_str(), Some("unix:///s/containerd/containerd.sock"));
         assert_eq!(k.flag_value("hostname-override"), Some("sluice-dev"));
     }
 
@@ -143,10 +118,7 @@ mod tests {
         let conflist: serde_json::Value = serde_json::from_str(&comp.files[1].1).unwrap();
         assert_eq!(conflist["plugins"][0]["bridge"], "sluice0");
         assert_eq!(conflist["plugins"][0]["hairpinMode"], true);
-        assert_eq!(
-            conflist["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
-            "10.244.0.0/16"
-        );
+        assert_eq!(conflist["plugins"][0]["ipam"]["ranges"][0][0]["subnet"], "10.244.0.0/16");
         assert!(comp.env[0].1.starts_with("/b:"));
     }
 
@@ -175,10 +147,7 @@ mod tests {
     fn kwok_never_manages_the_real_node() {
         let k = kwok::build(&test_config());
         assert_eq!(k.flag_value("manage-all-nodes"), Some("false"));
-        assert_eq!(
-            k.flag_value("manage-nodes-with-annotation-selector"),
-            Some("kwok.x-k8s.io/node=fake")
-        );
+        assert_eq!(k.flag_value("manage-nodes-with-annotation-selector"), Some("kwok.x-k8s.io/node=fake"));
         assert_eq!(k.flag_value("config"), Some("/share/kwok/stages.yaml"));
     }
 
