@@ -46,6 +46,10 @@ fi
 # --- The local cluster's binaries ----------------------------------------------
 cluster_bin=$(bash "$root/dev/scripts/build-cluster.sh")
 
+# --- Apache Kafka jars from Maven Central (the test brokers) -------------------
+kafka_libs=$(bash "$root/dev/kafka/fetch.sh")
+
 echo "export CARGO_TARGET_DIR=\"\${CARGO_TARGET_DIR:-$cache/cargo-target}\""
 echo "export PATH=\"$venv/bin:$cluster_bin:\$PATH\""
 echo "export SLUICE_CLUSTER_BIN=\"$cluster_bin\""
+echo "export SLUICE_KAFKA_LIBS=\"$kafka_libs\""
