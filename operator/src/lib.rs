@@ -1,0 +1,4 @@
+//! The Sluice operator: reconciles StreamProcessors into scaled worker
+//! Deployments.
+
+pub mod autoscale;
