@@ -2,3 +2,4 @@
 //! Deployments.
 
 pub mod autoscale;
+pub mod build;
