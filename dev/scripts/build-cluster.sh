@@ -43,7 +43,7 @@ fi
 log() { printf '%s build-cluster: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 # --- Debian packages -------------------------------------------------------
-debs=(runc containernetworking-plugins iptables conntrack buildah mmdebstrap gcc libc6-dev)
+debs=(runc containernetworking-plugins iptables conntrack buildah mmdebstrap gcc libc6-dev busybox-static)
 if [[ "${SLUICE_CLUSTER_SKIP_APT:-}" != 1 ]]; then
   missing=()
   for p in "${debs[@]}"; do

@@ -122,7 +122,8 @@ pub fn pause_image_tar(bin_dir: &Path, cache_root: &Path) -> Result<PathBuf, Ima
     Ok(tar)
 }
 
-/// A test image: Debian's static busybox (sh, nslookup, wget, ...).
+/// A test image: Debian's static busybox (sh, nslookup, nc, ...; its wget
+/// crashes, use nc).
 pub fn busybox_image_tar(cache_root: &Path) -> Result<PathBuf, ImageError> {
     let tar = cache_root.join("images/busybox.tar");
     if tar.exists() {
@@ -140,7 +141,7 @@ pub fn busybox_image_tar(cache_root: &Path) -> Result<PathBuf, ImageError> {
     fs::create_dir_all(&bin).map_err(io_err(&bin))?;
     fs::copy(busybox, bin.join("busybox")).map_err(io_err(busybox))?;
     for applet in [
-        "sh", "cat", "echo", "env", "ls", "nslookup", "wget", "sleep", "nc", "trap", "kill", "grep", "head", "date",
+        "sh", "cat", "echo", "env", "ls", "nslookup", "printf", "sleep", "nc", "trap", "kill", "grep", "head", "date",
         "id", "true", "false", "httpd", "mkdir", "touch",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).map_err(io_err(&bin))?;
@@ -148,6 +149,9 @@ pub fn busybox_image_tar(cache_root: &Path) -> Result<PathBuf, ImageError> {
     for d in ["tmp", "etc"] {
         fs::create_dir_all(dir.path().join(d)).map_err(io_err(dir.path()))?;
     }
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = dir.path().join("tmp");
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o1777)).map_err(io_err(&tmp))?;
     fs::write(dir.path().join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")
         .map_err(io_err(dir.path()))?;
     let b = Buildah::new(cache_root);
