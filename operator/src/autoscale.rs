@@ -144,10 +144,11 @@ pub fn decide(
     let mut recommendation = raw.min(cap).max(policy.min_replicas);
     // Spread partitions evenly: the smallest divisor of the partition count at
     // or above the recommendation, but never above the cap.
-    if n > 0 && recommendation <= cap {
-        if let Some(d) = (recommendation..=cap.min(n)).find(|d| *d > 0 && n % d == 0) {
-            recommendation = d;
-        }
+    if n > 0
+        && recommendation <= cap
+        && let Some(d) = (recommendation..=cap.min(n)).find(|d| *d > 0 && n % d == 0)
+    {
+        recommendation = d;
     }
 
     if policy.scale_to_zero {

@@ -1,7 +1,5 @@
 //! The worker Deployment.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec},
@@ -149,22 +147,23 @@ pub fn deployment(sp: &StreamProcessor, settings: &Settings, replicas: i32) -> D
     }
 }
 
-/// Keys of `env` by name, for tests and for the operator's own checks.
-pub fn env_names(d: &Deployment) -> BTreeMap<String, EnvVar> {
-    d.spec
-        .template
-        .spec
-        .iter()
-        .flat_map(|p| p.containers.iter())
-        .flat_map(|c| c.env.iter().flatten())
-        .map(|e| (e.name.clone(), e.clone()))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::build::fixtures::example;
+
+    fn env_names(d: &Deployment) -> BTreeMap<String, EnvVar> {
+        d.spec
+            .template
+            .spec
+            .iter()
+            .flat_map(|p| p.containers.iter())
+            .flat_map(|c| c.env.iter().flatten())
+            .map(|e| (e.name.clone(), e.clone()))
+            .collect()
+    }
 
     fn pod(d: &Deployment) -> &PodSpec {
         d.spec.template.spec.as_ref().unwrap()
