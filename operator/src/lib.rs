@@ -3,3 +3,4 @@
 
 pub mod autoscale;
 pub mod build;
+pub mod status;
