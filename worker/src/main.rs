@@ -1,0 +1,238 @@
+//! `sluice-worker run <spec>`: the data plane of one StreamProcessor pod.
+//!
+//! Exit codes: 0 done (end of input or drained after SIGTERM), 1 runtime
+//! failure, 2 bad spec or configuration.
+
+use std::{
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use sluice_crds::{StdoutFormat, StreamProcessorSpec};
+use sluice_worker::{
+    config::{self, Config},
+    http,
+    metrics::Metrics,
+    pipeline::Pipeline,
+    pool::{PoolConfig, Snapshots},
+    runtime::Runtime,
+    sink::{Sink, file::FileSink, null::LogSink, stdout::StdoutSink},
+    source::{Source, SourceError, file::FileSource, generator::Generator},
+    state::{StateKeys, StateStore, redis::RedisStore},
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "sluice-worker", version, about = "Runs a StreamProcessor's pipeline")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline of a StreamProcessor manifest, a bare spec, or the
+    /// operator's mounted JSON.
+    Run {
+        /// Spec file (YAML or JSON).
+        #[arg(env = "SLUICE_SPEC", default_value = "/etc/sluice/spec.json")]
+        spec: String,
+        /// Read JSON lines from this file (`-`: stdin) instead of the spec's source.
+        #[arg(long)]
+        input: Option<String>,
+        /// Write results as JSON lines to this file (`-`: stdout) instead of the spec's sink.
+        #[arg(long)]
+        output: Option<String>,
+        /// Write dead letters (with their headers) to this file (`-`: stderr).
+        #[arg(long)]
+        dead_letter: Option<String>,
+    },
+}
+
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs();
+    let Command::Run { spec, input, output, dead_letter } = cli.command;
+    let cfg = match config::load(&spec, &|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let pipeline = match Pipeline::compile(&cfg.spec) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{spec}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(cfg.workers.clamp(1, 64)).enable_all().build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("cannot start the async runtime: {e}");
+                return ExitCode::from(1);
+            }
+        };
+    match rt.block_on(run(cfg, pipeline, input, output, dead_letter)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = %e, "worker failed");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn source(spec: &StreamProcessorSpec, input: Option<String>) -> Result<Box<dyn Source>, Box<dyn std::error::Error>> {
+    if let Some(path) = input {
+        return Ok(Box::new(FileSource::new(path)));
+    }
+    if let Some(g) = &spec.source.generator {
+        return Ok(Box::new(Generator::new(g)?));
+    }
+    Err(Box::new(SourceError::Unsupported {
+        kind: spec.source.kind(),
+        hint: "broker connectors arrive with the connector issue; run locally with --input <file.jsonl|->",
+    }))
+}
+
+fn sink_for(path: &str, format: StdoutFormat, stderr: bool) -> Box<dyn Sink> {
+    match (path, stderr) {
+        ("-", false) => Box::new(StdoutSink::new(format)),
+        ("-", true) => Box::new(StdoutSink::stderr(format)),
+        (p, _) => Box::new(FileSink::new(p, format)),
+    }
+}
+
+async fn run(
+    cfg: Config,
+    pipeline: Pipeline,
+    input: Option<String>,
+    output: Option<String>,
+    dead_letter: Option<String>,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let spec = &cfg.spec;
+    let source = source(spec, input)?;
+    let format = spec.sink.stdout.as_ref().map_or(StdoutFormat::Json, |s| s.format);
+    let sink: Box<dyn Sink> = match (&output, &spec.sink.stdout) {
+        (Some(path), _) => sink_for(path, format, false),
+        (None, Some(_)) => Box::new(StdoutSink::new(format)),
+        (None, None) => {
+            return Err(format!(
+                "sink {} is not available in this build yet; run locally with --output <file|->",
+                spec.sink.kind()
+            )
+            .into());
+        }
+    };
+    let dead_letters: Box<dyn Sink> = match (&dead_letter, spec.dead_letter.as_ref().and_then(|d| d.stdout.as_ref())) {
+        (Some(path), _) => sink_for(path, StdoutFormat::Envelope, true),
+        (None, Some(s)) => Box::new(StdoutSink::new(match s.format {
+            StdoutFormat::Json => StdoutFormat::Envelope,
+            f => f,
+        })),
+        (None, None) => Box::new(LogSink),
+    };
+    let snapshots = match spec.state.as_ref() {
+        Some(s) if s.backend == sluice_crds::StateBackend::Redis => {
+            let url = s.redis.as_ref().map(|r| r.url.clone()).unwrap_or_default();
+            let store: Arc<dyn StateStore> = Arc::new(RedisStore::connect(&url).await?);
+            Some(Snapshots {
+                store,
+                keys: StateKeys::new(cfg.processor.clone()),
+                interval: s.snapshot_interval.as_ref().map_or(Duration::from_secs(30), |d| d.as_std()),
+                ttl: s.ttl.as_ref().map(|d| d.as_std()),
+            })
+        }
+        _ => None,
+    };
+
+    let metrics = Metrics::new(prometheus::Registry::new())?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let shutdown = CancellationToken::new();
+    let http_stop = CancellationToken::new();
+    match http::bind(cfg.http_addr).await {
+        Ok(listener) => {
+            tracing::info!(addr = %cfg.http_addr, "serving /metrics, /healthz, /readyz");
+            tokio::spawn(http::serve(
+                listener,
+                http::Health { metrics: metrics.clone(), ready: ready.clone() },
+                http_stop.clone(),
+            ));
+        }
+        Err(e) => tracing::warn!(addr = %cfg.http_addr, error = %e,
+            "cannot serve HTTP (set SLUICE_HTTP_ADDR); running without /metrics"),
+    }
+
+    let grace = cfg.grace;
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!(?grace, "signal received: stopping fetches and draining");
+        signals.cancel();
+    });
+
+    let runtime = Runtime {
+        pool: PoolConfig { workers: cfg.workers, queue_batches: 4, tick: Duration::from_millis(100), snapshots },
+        batch_size: cfg.batch_size,
+        sink_attempts: 5,
+        metrics,
+        ready,
+    };
+    tracing::info!(processor = %cfg.processor, source = source.kind(), workers = cfg.workers,
+        batch_size = cfg.batch_size, "worker starting");
+    let work = runtime.run(source, pipeline, sink, dead_letters, shutdown.clone());
+    tokio::pin!(work);
+    let result = tokio::select! {
+        r = &mut work => r,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::error!(?grace, "drain did not finish within the grace period; exiting without a final commit");
+            http_stop.cancel();
+            return Ok(ExitCode::from(1));
+        }
+    };
+    http_stop.cancel();
+    let summary = result?;
+    tracing::info!(consumed = summary.consumed, delivered = summary.delivered, dead_lettered = summary.dead_lettered,
+        committed = ?summary.committed, "worker stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the worker");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

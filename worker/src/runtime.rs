@@ -1,0 +1,248 @@
+//! Wires source -> pool -> sink -> acker, and shuts it down in order.
+//!
+//! ```text
+//! source loop ──Dispatcher (bounded)──> pool tasks ──bounded──> sink stage
+//!   tracks offsets                                               writes results and dead letters,
+//!   restores state on Assigned                                   marks their offsets finished,
+//!   stops on cancel or End                                       commits the low-water marks
+//! ```
+//!
+//! Shutdown (SIGTERM or end of input): stop fetching; at end of input flush
+//! every window; close the pool queues; the tasks drain and snapshot; the
+//! sink stage drains, delivers, commits; then `run` returns. The caller
+//! bounds all of it with the grace period.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    delivery::OffsetTracker,
+    message::Message,
+    metrics::Metrics,
+    pipeline::{Output, Pipeline},
+    pool::{self, Outputs, PoolConfig, Work},
+    sink::Sink,
+    source::{Acker, Source, SourceError, SourceEvent},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Pool(#[from] pool::PoolClosed),
+    #[error("sink {kind} failed after {attempts} attempts: {error}")]
+    Sink { kind: &'static str, attempts: u32, error: String },
+}
+
+/// What a run did (logged at exit; tests assert on it).
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub consumed: u64,
+    pub delivered: u64,
+    pub dead_lettered: u64,
+    pub committed: BTreeMap<i32, i64>,
+}
+
+pub struct Runtime {
+    pub pool: PoolConfig,
+    pub batch_size: usize,
+    /// Sink attempts before the run fails (backoff doubles from 50 ms).
+    pub sink_attempts: u32,
+    pub metrics: Metrics,
+    /// Set while the worker is consuming; `/readyz` reports it.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    pub async fn run(
+        &self,
+        mut source: Box<dyn Source>,
+        pipeline: Pipeline,
+        sink: Box<dyn Sink>,
+        dead_letters: Box<dyn Sink>,
+        shutdown: CancellationToken,
+    ) -> Result<Summary, RuntimeError> {
+        let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+        let (out_tx, out_rx) = mpsc::channel::<Outputs>(self.pool.workers.max(1) * self.pool.queue_batches.max(1));
+        let (dispatcher, tasks) = pool::start(&pipeline, &self.pool, out_tx, self.metrics.clone());
+        let sink_stage = tokio::spawn(sink_stage(
+            out_rx,
+            sink,
+            dead_letters,
+            source.acker(),
+            tracker.clone(),
+            self.metrics.clone(),
+            self.sink_attempts,
+        ));
+        let mut consumed = 0u64;
+        self.ready.store(true, Ordering::Relaxed);
+        let stateful_steps = pipeline.stateful_steps();
+        let result: Result<(), RuntimeError> = async {
+            loop {
+                let event = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        tracing::info!("shutdown requested: no more fetching; draining in-flight work");
+                        break;
+                    }
+                    e = source.next(self.batch_size) => e?,
+                };
+                match event {
+                    SourceEvent::Batch(batch) => {
+                        consumed += batch.len() as u64;
+                        self.metrics.consumed.inc_by(batch.len() as u64);
+                        track(&tracker, &batch);
+                        dispatcher.dispatch(batch).await?;
+                        self.metrics.queue_depth.set(dispatcher.queued() as i64);
+                    }
+                    SourceEvent::Assigned(partitions) => {
+                        tracing::info!(?partitions, "partitions assigned");
+                        if let Some(s) = &self.pool.snapshots {
+                            for p in partitions {
+                                let mut snapshots = Vec::new();
+                                for step in &stateful_steps {
+                                    match s.store.get(&s.keys.snapshot(p, *step)).await {
+                                        Ok(Some(bytes)) => snapshots.push((*step, bytes)),
+                                        Ok(None) => {}
+                                        Err(e) => tracing::warn!(partition = p, step, error = %e,
+                                            "cannot load the state snapshot; the partition starts empty"),
+                                    }
+                                }
+                                if !snapshots.is_empty() {
+                                    dispatcher
+                                        .send(dispatcher.owner(p), Work::Restore { partition: p, snapshots })
+                                        .await?;
+                                }
+                            }
+                        }
+                    }
+                    SourceEvent::Revoked(partitions) => {
+                        tracing::info!(?partitions, "partitions revoked; snapshotting their state");
+                        for p in partitions {
+                            dispatcher.send(dispatcher.owner(p), Work::Revoke { partition: p }).await?;
+                        }
+                    }
+                    SourceEvent::End => {
+                        tracing::info!(consumed, "end of input; flushing every open window");
+                        dispatcher.broadcast(|| Work::Flush).await?;
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.ready.store(false, Ordering::Relaxed);
+        drop(dispatcher);
+        for t in tasks {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "a pool task panicked");
+            }
+        }
+        let mut summary = match sink_stage.await {
+            Ok(r) => r?,
+            Err(e) => {
+                return Err(RuntimeError::Sink { kind: "stage", attempts: 0, error: e.to_string() });
+            }
+        };
+        result?;
+        summary.consumed = consumed;
+        Ok(summary)
+    }
+}
+
+fn track(tracker: &Mutex<OffsetTracker>, batch: &[Message]) {
+    let mut t = tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for m in batch {
+        if !t.track(m.partition, m.offset) {
+            tracing::warn!(partition = m.partition, offset = m.offset, "offset out of order; not tracked");
+        }
+    }
+}
+
+async fn write_with_retry(sink: &mut dyn Sink, batch: &[Message], attempts: u32) -> Result<(), RuntimeError> {
+    let mut backoff = Duration::from_millis(50);
+    let mut attempt = 1;
+    loop {
+        match sink.write(batch).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < attempts => {
+                tracing::warn!(sink = sink.kind(), attempt, error = %e, ?backoff, "sink write failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                attempt += 1;
+            }
+            Err(e) => return Err(RuntimeError::Sink { kind: sink.kind(), attempts, error: e.to_string() }),
+        }
+    }
+}
+
+async fn sink_stage(
+    mut rx: mpsc::Receiver<Outputs>,
+    mut sink: Box<dyn Sink>,
+    mut dead_letters: Box<dyn Sink>,
+    acker: Arc<dyn Acker>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    metrics: Metrics,
+    attempts: u32,
+) -> Result<Summary, RuntimeError> {
+    let mut summary = Summary::default();
+    let mut results = Vec::new();
+    let mut dead = Vec::new();
+    let mut finished = Vec::new();
+    while let Some(outputs) = rx.recv().await {
+        for o in outputs {
+            match o {
+                Output::Deliver(m, ack) => {
+                    finished.extend(ack);
+                    results.push(m);
+                }
+                Output::DeadLetter(d) => {
+                    finished.extend(d.ack);
+                    dead.push(d.into_message());
+                }
+                Output::Done(a) => finished.push(a),
+            }
+        }
+        if !results.is_empty() {
+            write_with_retry(sink.as_mut(), &results, attempts).await?;
+            summary.delivered += results.len() as u64;
+            metrics.delivered.inc_by(results.len() as u64);
+            results.clear();
+        }
+        if !dead.is_empty() {
+            write_with_retry(dead_letters.as_mut(), &dead, attempts).await?;
+            summary.dead_lettered += dead.len() as u64;
+            dead.clear();
+        }
+        // Delivered (or dead-lettered): now, and only now, finished.
+        let commits = {
+            let mut t = tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for a in finished.drain(..) {
+                t.finish(a.partition, a.offset);
+            }
+            t.take_commits()
+        };
+        if !commits.is_empty() {
+            match acker.commit(&commits).await {
+                Ok(()) => {
+                    metrics.commits.inc();
+                    summary.committed.extend(commits);
+                }
+                // A failed commit is retried by the next one (positions only grow).
+                Err(e) => tracing::warn!(error = %e, "commit failed; the next commit will carry these positions"),
+            }
+        }
+    }
+    Ok(summary)
+}

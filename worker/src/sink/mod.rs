@@ -1,0 +1,57 @@
+//! Sinks: where results (and dead letters) go.
+//!
+//! A sink accepts a batch and reports when it is delivered: `write` returns
+//! only once the batch is durable as far as the sink can tell (written and
+//! flushed for local sinks; acknowledged by the broker for the broker sinks
+//! that come later). Only then does the runtime mark the batch's source
+//! offsets finished.
+
+pub mod file;
+pub mod null;
+pub mod stdout;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use sluice_crds::StdoutFormat;
+
+use crate::message::Message;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("writing to {target}: {source}")]
+    Io { target: String, source: std::io::Error },
+}
+
+pub trait Sink: Send {
+    /// Deliver a batch; Ok means delivered.
+    fn write<'a>(&'a mut self, batch: &'a [Message]) -> BoxFuture<'a, Result<(), SinkError>>;
+    fn kind(&self) -> &'static str;
+}
+
+/// One output line for a message in the given format.
+pub fn render(m: &Message, format: StdoutFormat, out: &mut Vec<u8>) {
+    match format {
+        StdoutFormat::Json => out.extend_from_slice(&m.payload.to_bytes()),
+        StdoutFormat::Envelope => {
+            let payload = match m.payload.json() {
+                Ok(v) => v.clone(),
+                Err(_) => Value::String(String::from_utf8_lossy(&m.payload.to_bytes()).into_owned()),
+            };
+            let headers: serde_json::Map<String, Value> = m
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(String::from_utf8_lossy(v).into_owned())))
+                .collect();
+            let env = serde_json::json!({
+                "key": m.key_str(),
+                "partition": m.partition,
+                "offset": m.offset,
+                "timestamp": m.timestamp,
+                "headers": headers,
+                "payload": payload,
+            });
+            out.extend_from_slice(env.to_string().as_bytes());
+        }
+    }
+    out.push(b'\n');
+}

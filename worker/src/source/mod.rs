@@ -1,0 +1,70 @@
+//! Sources: where messages come from.
+//!
+//! A source yields events: batches of messages (each with a partition and an
+//! offset that the `Acker` can commit later), partition assignments and
+//! revocations (so that state can be restored or snapshotted), and the end of
+//! a finite input. Reading and committing are separate traits, as in
+//! numaflow: the runtime reads from one task and commits from another.
+//!
+//! Broker sources (Kafka, NATS JetStream, Redis Streams) implement the same
+//! two traits: `next` is a batch fetch, `Assigned`/`Revoked` come from the
+//! consumer-group rebalance callbacks, `commit` is an async offset commit.
+
+pub mod file;
+pub mod generator;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+
+use crate::message::Message;
+
+#[derive(Debug)]
+pub enum SourceEvent {
+    Batch(Vec<Message>),
+    /// These partitions are now ours: restore their state before their messages.
+    Assigned(Vec<i32>),
+    /// These partitions are leaving: snapshot their state and commit.
+    Revoked(Vec<i32>),
+    /// A finite input is exhausted: flush windows, deliver, commit, stop.
+    End,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("reading {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("source {kind} is not available in this build: {hint}")]
+    Unsupported { kind: &'static str, hint: &'static str },
+}
+
+/// Commits source positions: `(partition, next offset to consume)`.
+pub trait Acker: Send + Sync {
+    fn commit<'a>(&'a self, positions: &'a [(i32, i64)]) -> BoxFuture<'a, Result<(), SourceError>>;
+}
+
+pub trait Source: Send {
+    /// The next event; a batch holds at most `max` messages.
+    fn next(&mut self, max: usize) -> BoxFuture<'_, Result<SourceEvent, SourceError>>;
+    fn acker(&self) -> Arc<dyn Acker>;
+    fn kind(&self) -> &'static str;
+}
+
+/// Local inputs have nowhere to commit to; this records the last positions
+/// (tests read them).
+#[derive(Default)]
+pub struct MemoryAcker {
+    pub committed: std::sync::Mutex<std::collections::BTreeMap<i32, i64>>,
+}
+
+impl Acker for MemoryAcker {
+    fn commit<'a>(&'a self, positions: &'a [(i32, i64)]) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let mut c = self.committed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (p, o) in positions {
+                c.insert(*p, *o);
+            }
+            Ok(())
+        })
+    }
+}
