@@ -3,4 +3,9 @@
 
 pub mod autoscale;
 pub mod build;
+pub mod controller;
+pub mod http;
+pub mod metrics;
+pub mod probe;
+pub mod reconcile;
 pub mod status;

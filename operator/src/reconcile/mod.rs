@@ -1,0 +1,194 @@
+//! Reconcile one StreamProcessor, in steps, each a module with its own error
+//! type:
+//!
+//! ```text
+//! dereference (spec + Secrets) -> validate -> build (pure, crate::build)
+//!   -> scale (probe the broker, decide replicas) -> apply (server-side apply,
+//!   prune) -> report (status, Events, metrics)
+//! ```
+//!
+//! A spec problem (invalid spec, missing Secret) is not an error of the
+//! reconcile: it is reported as a `Degraded` condition and an Event, the last
+//! good workers keep running, and the operator waits for a change. Errors are
+//! what the API server or the network did; they requeue with backoff.
+
+mod apply;
+mod dereference;
+mod report;
+mod scale;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ConfigMap, Service, ServiceAccount},
+    policy::v1::PodDisruptionBudget,
+    rbac::v1::{Role, RoleBinding},
+};
+use kube::{
+    Client, ResourceExt,
+    core::error_boundary::DeserializeGuard,
+    runtime::{controller::Action, events::Recorder, reflector::Store},
+};
+use sluice_crds::StreamProcessor;
+use tracing::{info, warn};
+
+pub use apply::ApplyError;
+pub use dereference::DereferenceError;
+pub use report::ReportError;
+
+use crate::{autoscale::ScaleMemory, build::Settings, metrics::Metrics, probe::LagProbe};
+
+/// The field manager of everything the operator writes.
+pub const MANAGER: &str = "sluice-operator";
+
+/// Caches of the objects the operator owns, fed by the controller's watches.
+#[derive(Clone)]
+pub struct Stores {
+    pub deployments: Store<Deployment>,
+    pub configmaps: Store<ConfigMap>,
+    pub service_accounts: Store<ServiceAccount>,
+    pub roles: Store<Role>,
+    pub role_bindings: Store<RoleBinding>,
+    pub services: Store<Service>,
+    pub pdbs: Store<PodDisruptionBudget>,
+}
+
+/// Autoscaler state of one StreamProcessor between reconciles.
+#[derive(Default)]
+pub struct ScaleState {
+    pub memory: ScaleMemory,
+    /// When the broker was last probed (ms on the operator's clock).
+    pub last_probe_ms: Option<u64>,
+    /// The last probe's outcome, reused between polls.
+    pub last: Option<scale::Outcome>,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    pub probe: Arc<dyn LagProbe>,
+    pub stores: Stores,
+    pub scale: Mutex<HashMap<(String, String), ScaleState>>,
+    started: Instant,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Metrics,
+        recorder: Recorder,
+        probe: Arc<dyn LagProbe>,
+        stores: Stores,
+    ) -> Self {
+        Self { client, settings, metrics, recorder, probe, stores, scale: Mutex::default(), started: Instant::now() }
+    }
+
+    /// Monotonic milliseconds since the operator started.
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading the spec's references: {0}")]
+    Dereference(#[from] DereferenceError),
+    #[error("applying the worker objects: {0}")]
+    Apply(#[from] ApplyError),
+    #[error("reporting status: {0}")]
+    Report(#[from] ReportError),
+}
+
+impl Error {
+    /// Bounded label for metrics and the log.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Dereference(_) => "dereference",
+            Error::Apply(ApplyError::Conflict(..)) => "conflict",
+            Error::Apply(_) => "apply",
+            Error::Report(_) => "report",
+        }
+    }
+}
+
+/// The controller's reconcile function.
+pub async fn reconcile(guard: Arc<DeserializeGuard<StreamProcessor>>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = match &guard.0 {
+        Ok(sp) if sp.metadata.deletion_timestamp.is_some() => {
+            let key = (sp.namespace().unwrap_or_default(), sp.name_any());
+            ctx.metrics.forget(&key.0, &key.1);
+            ctx.scale.lock().map(|mut m| m.remove(&key)).ok();
+            Ok(Action::await_change())
+        }
+        Ok(sp) => reconcile_processor(sp, &ctx).await,
+        Err(invalid) => {
+            // One object we cannot read must not stop the others: report it and move on.
+            report::undeserializable(&ctx, invalid).await?;
+            Ok(Action::await_change())
+        }
+    };
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics.reconcile_duration.with_label_values(&[outcome]).observe(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_processor(sp: &StreamProcessor, ctx: &Context) -> Result<Action, Error> {
+    let (ns, name) = (sp.namespace().unwrap_or_default(), sp.name_any());
+
+    // dereference + validate
+    let spec_problem = dereference::spec_problem(sp);
+    let secrets = match &spec_problem {
+        Some(_) => Err(None),
+        None => dereference::secrets(&ctx.client, sp).await.map_err(Some),
+    };
+    let (secrets, problem) = match secrets {
+        Ok(s) => (s, spec_problem),
+        Err(Some(dereference::Missing::Problem(p))) => (Default::default(), Some(p)),
+        Err(Some(dereference::Missing::Error(e))) => return Err(e.into()),
+        Err(None) => (Default::default(), spec_problem),
+    };
+
+    let live = ctx.stores.deployments.get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns));
+    let current = live.as_ref().and_then(|d| d.spec.replicas).unwrap_or(0);
+
+    if let Some(problem) = problem {
+        // Keep the last good workers; say what is wrong; wait for a fix.
+        warn!(namespace = %ns, name = %name, reason = problem.reason, "{}; keeping the last good workers until it is fixed", problem.message);
+        report::report(ctx, sp, live.as_deref(), Some(problem), &[], current, None).await?;
+        // Secrets are not watched: look again in a while.
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+
+    // scale
+    let replicas = scale::decide(ctx, sp, &secrets, current, live.is_some()).await;
+
+    // build + apply
+    apply::apply_all(ctx, sp, replicas.desired).await?;
+    if let Some(from) = replicas.changed_from {
+        info!(namespace = %ns, name = %name, from, to = replicas.desired, "scaling workers");
+    }
+
+    // report
+    report::report(ctx, sp, live.as_deref(), None, &replicas.problems, current, Some(&replicas)).await?;
+
+    Ok(Action::requeue(replicas.requeue))
+}
+
+/// Requeue failed reconciles with backoff by error class.
+pub fn error_policy(_guard: Arc<DeserializeGuard<StreamProcessor>>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_errors.with_label_values(&[error.metric_label()]).inc();
+    warn!(class = error.metric_label(), "reconcile failed: {error}; retrying");
+    match error {
+        Error::Apply(ApplyError::Conflict(..)) => Action::requeue(Duration::from_secs(2)),
+        _ => Action::requeue(Duration::from_secs(10)),
+    }
+}
