@@ -38,8 +38,11 @@ pub trait LagProbe: Send + Sync {
 /// source, kept between polls and rebuilt when the source or its Secrets change.
 #[derive(Default)]
 pub struct BrokerProbe {
-    probes: std::sync::Mutex<std::collections::HashMap<(String, String), (u64, std::sync::Arc<SourceProbe>)>>,
+    /// (namespace, name) -> (fingerprint of source and Secrets, probe).
+    probes: std::sync::Mutex<std::collections::HashMap<(String, String), CachedProbe>>,
 }
+
+type CachedProbe = (u64, std::sync::Arc<SourceProbe>);
 
 use sluice_worker::probe::{Credentials, LagProbe as _, ProbeOptions, ProcessorRef, SourceProbe};
 
