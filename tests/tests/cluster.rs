@@ -440,3 +440,224 @@ spec:
     );
     assert!(!real.contains("fake-"), "no fake pod on the real node: {real}");
 }
+
+/// The e2e probe image: the project's runtime base (mmdebstrap + buildah via
+/// `sluice-dev image`'s path) with busybox and the pinned kubectl, so a pod can
+/// talk to the API with its ServiceAccount token.
+fn probe_image() -> PathBuf {
+    let cache = sluice_dev::host::cache_root();
+    let ctx = cache.join("e2e-probe-context");
+    let bin = ctx.join("bin");
+    std::fs::create_dir_all(&bin).expect("context folder");
+    let kubectl = sluice_dev::host::default_bin_dir().join("kubectl");
+    for (src, name) in [(Path::new("/bin/busybox"), "busybox"), (kubectl.as_path(), "kubectl")] {
+        let dst = bin.join(name);
+        let same =
+            std::fs::metadata(&dst).and_then(|d| std::fs::metadata(src).map(|s| s.len() == d.len())).unwrap_or(false);
+        if !same {
+            std::fs::copy(src, &dst).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+        }
+    }
+    for applet in ["sh", "nc", "cat", "sleep", "printf", "id", "touch", "echo"] {
+        let link = bin.join(applet);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", &link).expect("symlink");
+        }
+    }
+    let dockerfile = ctx.join("Dockerfile");
+    std::fs::write(
+        &dockerfile,
+        "ARG RUNTIME_IMAGE=debian:bookworm-slim\n\
+         FROM ${RUNTIME_IMAGE}\n\
+         COPY bin/ /usr/local/bin/\n\
+         USER 65532:65532\n\
+         ENTRYPOINT [\"/usr/local/bin/sh\"]\n",
+    )
+    .expect("Dockerfile");
+    image::build(
+        &image::ImageSpec { dockerfile, context: ctx, target: None, name: PROBE_IMAGE.into(), build_args: Vec::new() },
+        &cache,
+    )
+    .unwrap_or_else(|e| panic!("building the probe image: {e}"))
+}
+
+const PROBE_IMAGE: &str = "localhost/sluice-e2e/probe:1";
+
+/// A host TCP server that records what it receives and answers "hello from host".
+async fn recording_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(0);
+                if let Ok(mut v) = seen.lock() {
+                    v.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+                let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 15\r\n\r\nhello from host").await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn a_deployment_runs_restricted_with_config_api_access_and_graceful_stop() {
+    let mut cluster = start(ClusterOptions { images: vec![probe_image()], ..ClusterOptions::default() }).await;
+    let (port, seen) = recording_server().await;
+    cluster.expose_host_service("default", "host-echo", port).await.expect("expose host service");
+    let ns = "apps";
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: {ns}
+  labels: {{pod-security.kubernetes.io/enforce: restricted}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: creds, namespace: {ns}}}
+stringData: {{password: s3cret}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: app, namespace: {ns}}}
+data:
+  greeting: hello-from-configmap
+  app.conf: "mode=test"
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: probe, namespace: {ns}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: read-configmaps, namespace: {ns}}}
+rules: [{{apiGroups: [""], resources: [configmaps], verbs: [get, list]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: probe, namespace: {ns}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: read-configmaps}}
+subjects: [{{kind: ServiceAccount, name: probe, namespace: {ns}}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: probe, namespace: {ns}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: probe}}}}
+  template:
+    metadata: {{labels: {{app: probe}}}}
+    spec:
+      serviceAccountName: probe
+      terminationGracePeriodSeconds: 10
+      securityContext: {{runAsNonRoot: true, seccompProfile: {{type: RuntimeDefault}}}}
+      volumes: [{{name: config, configMap: {{name: app}}}}]
+      containers:
+        - name: probe
+          image: {PROBE_IMAGE}
+          imagePullPolicy: Never
+          env:
+            - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
+            - {{name: MEM_LIMIT, valueFrom: {{resourceFieldRef: {{resource: limits.memory}}}}}}
+            - {{name: PASSWORD, valueFrom: {{secretKeyRef: {{name: creds, key: password}}}}}}
+          volumeMounts: [{{name: config, mountPath: /config}}]
+          resources: {{limits: {{memory: 64Mi, cpu: 200m}}, requests: {{memory: 32Mi, cpu: 50m}}}}
+          securityContext:
+            allowPrivilegeEscalation: false
+            capabilities: {{drop: [ALL]}}
+          readinessProbe:
+            exec: {{command: [cat, /tmp/ready]}}
+            periodSeconds: 1
+          command: [sh, -c]
+          args:
+            - |
+              trap 'printf "SIGTERM from %s\n" "$POD_NAME" | nc host-echo.default.svc.cluster.local {port}; exit 0' TERM
+              echo "pod=$POD_NAME password=$PASSWORD memlimit=$MEM_LIMIT"
+              echo "config: $(cat /config/app.conf)"
+              echo "cgroup memory: $(cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max)"
+              echo "api get: $(kubectl get configmap app -o 'jsonpath={{.data.greeting}}' 2>&1)"
+              echo "api delete: $(kubectl delete configmap app 2>&1)"
+              printf "GET / HTTP/1.0\r\n\r\n" | nc host-echo.default.svc.cluster.local {port}
+              echo
+              touch /tmp/ready
+              while true; do sleep 1 & wait $!; done
+"#
+    );
+    let o = kubectl_stdin(&cluster, &["apply", "-f", "-"], &manifest);
+    assert!(o.status.success(), "{}", text(&o));
+    let client = cluster.client().await.expect("client");
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    let ready = poll(Duration::from_secs(90), || async {
+        let Ok(list) = pods.list(&kube::api::ListParams::default().labels("app=probe")).await else {
+            return false;
+        };
+        list.items.len() == 2
+            && list.items.iter().all(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+    })
+    .await;
+    let out = kubectl(&cluster, &["get", "pods", "-n", ns, "-o", "wide"]);
+    assert!(ready, "probe pods not Ready:\n{}\n{}", text(&out), kubectl_ok(&cluster, &["describe", "pods", "-n", ns]));
+
+    let list = pods.list(&kube::api::ListParams::default().labels("app=probe")).await.expect("list");
+    let names: Vec<String> = list.items.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    for name in &names {
+        let logs = kubectl_ok(&cluster, &["logs", "-n", ns, name]);
+        assert!(logs.contains(&format!("pod={name} password=s3cret memlimit=67108864")), "{logs}");
+        assert!(logs.contains("config: mode=test"), "{logs}");
+        assert!(logs.contains("cgroup memory: 67108864"), "{logs}");
+        assert!(logs.contains("api get: hello-from-configmap"), "{logs}");
+        assert!(
+            logs.contains("api delete: Error from server (Forbidden)")
+                && logs.contains("cannot delete resource \"configmaps\""),
+            "{logs}"
+        );
+        assert!(logs.contains("hello from host"), "{logs}");
+    }
+    let id = kubectl_ok(&cluster, &["exec", "-n", ns, &names[0], "--", "id"]);
+    assert!(id.contains("uid=65532"), "{id}");
+
+    // The 403 is in the audit log under the pod's ServiceAccount.
+    wait_for("audit record of the forbidden delete", Duration::from_secs(5), || async {
+        cluster.audit_records().is_ok_and(|r| {
+            r.iter().any(|a| {
+                a.user == format!("system:serviceaccount:{ns}:probe")
+                    && a.verb == "delete"
+                    && a.resource == "configmaps"
+                    && a.namespace == ns
+                    && a.code == 403
+            })
+        })
+    })
+    .await;
+
+    // Scale down: the removed pod gets SIGTERM and says so to the host server.
+    kubectl_ok(&cluster, &["scale", "-n", ns, "deployment/probe", "--replicas=1"]);
+    wait_for("SIGTERM reported by the removed pod", Duration::from_secs(30), || async {
+        seen.lock().is_ok_and(|v| v.iter().any(|m| m.starts_with("SIGTERM from probe-")))
+    })
+    .await;
+
+    // The kube-apiserver restarts and the node and clients carry on.
+    let apiserver = cluster.stop_component("kube-apiserver").expect("stop apiserver");
+    cluster.start_component(apiserver).await.expect("restart apiserver");
+    let nodes = kubectl_ok(&cluster, &["get", "nodes", "--no-headers"]);
+    assert!(nodes.contains(" Ready "), "{nodes}");
+    cluster.stop();
+}
