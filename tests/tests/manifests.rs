@@ -16,3 +16,17 @@ fn generated_crd_passes_kubernetes_validate_strict() {
     assert!(out.status.success(), "kubernetes-validate --strict rejected {}:\n{text}", crd.display());
     assert!(text.contains("passed"), "kubernetes-validate did not report a pass:\n{text}");
 }
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    let tool = require_tool("hadolint", "pip install -r dev/requirements.txt (make test does this in a venv)");
+    let dockerfile = repo_root().join("Dockerfile");
+    let out = Command::new(tool).arg(&dockerfile).output().expect("run hadolint");
+    assert!(
+        out.status.success(),
+        "hadolint found problems in {}:\n{}{}",
+        dockerfile.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -73,7 +73,7 @@ pub fn deployment(sp: &StreamProcessor, settings: &Settings, replicas: i32) -> D
         name: "worker".into(),
         image: Some(sp.spec.image.clone().unwrap_or_else(|| settings.worker_image.clone())),
         image_pull_policy: Some(settings.image_pull_policy.clone()),
-        command: Some(vec!["sluice-worker".into()]),
+        command: Some(vec!["/usr/local/bin/sluice-worker".into()]),
         args: Some(vec!["run".into(), format!("{CONFIG_MOUNT}/{CONFIG_FILE}")]),
         env: Some(env),
         ports: Some(vec![ContainerPort {
