@@ -7,3 +7,4 @@ test:   ## fmt, clippy and every test suite against real servers
 
 crd:    ## regenerate the checked-in CRD after an API change
 	cargo run -q -p sluice-operator -- crd > charts/sluice/crds/streamprocessors.sluice.io.yaml
+	cargo run -q -p sluice-operator -- api-docs > docs/api.md

@@ -29,3 +29,106 @@ pub fn openapi_schema() -> serde_json::Value {
         .expect("the derived CRD has an openAPIV3Schema");
     serde_json::to_value(schema).expect("a JSONSchemaProps always serializes")
 }
+
+/// Path of the checked-in API reference, relative to the repository root.
+pub const API_REFERENCE_PATH: &str = "docs/api.md";
+
+/// A Markdown reference of every spec field, generated from the same schema
+/// the API server enforces (types, defaults, bounds, descriptions) plus the
+/// CEL rules with their messages.
+pub fn api_reference() -> String {
+    let schema = openapi_schema();
+    let mut out = String::from(
+        "# StreamProcessor API reference (sluice.io/v1alpha1)\n\n\
+         Generated from crds/src by `sluice-operator api-docs`; do not edit.\n\
+         Every field of `spec`, with its type, default, bounds and meaning. \
+         Rules that span fields are listed after the object they apply to.\n\n",
+    );
+    if let Some(spec) = schema.pointer("/properties/spec") {
+        walk(&mut out, "spec", spec);
+    }
+    out
+}
+
+fn walk(out: &mut String, path: &str, node: &serde_json::Value) {
+    use serde_json::Value;
+    let props = match node.get("properties").and_then(Value::as_object) {
+        Some(p) => p,
+        None => return,
+    };
+    let required: Vec<&str> = node
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    out.push_str(&format!("## `{path}`\n\n| field | type | default | notes |\n|---|---|---|---|\n"));
+    let mut nested = Vec::new();
+    for (name, p) in props {
+        let ty = type_of(p);
+        let default = p.get("default").map(|d| format!("`{d}`")).unwrap_or_default();
+        let mut notes = Vec::new();
+        if required.contains(&name.as_str()) {
+            notes.push("**Required.**".to_string());
+        }
+        if let Some(d) = p.get("description").and_then(Value::as_str) {
+            notes.push(d.replace('\n', " ").replace('|', "\\|"));
+        }
+        let mut bounds = Vec::new();
+        for (k, label) in [
+            ("minimum", "min"),
+            ("maximum", "max"),
+            ("minItems", "min items"),
+            ("maxItems", "max items"),
+            ("maxLength", "max length"),
+        ] {
+            if let Some(v) = p.get(k).and_then(Value::as_f64) {
+                bounds.push(format!("{label} {v}"));
+            }
+        }
+        if let Some(e) = p.get("enum").and_then(Value::as_array) {
+            let values: Vec<String> = e.iter().filter_map(Value::as_str).map(|s| format!("`{s}`")).collect();
+            bounds.push(format!("one of {}", values.join(", ")));
+        }
+        if !bounds.is_empty() {
+            notes.push(format!("({})", bounds.join("; ")));
+        }
+        out.push_str(&format!("| `{name}` | {ty} | {default} | {} |\n", notes.join(" ")));
+        let child = if p.get("type").and_then(Value::as_str) == Some("array") { p.get("items") } else { Some(p) };
+        if let Some(c) = child.filter(|c| c.get("properties").is_some()) {
+            let suffix = if p.get("type").and_then(Value::as_str) == Some("array") { "[]" } else { "" };
+            // Kubernetes core types (env, tolerations, resources) are documented upstream.
+            if !["env", "tolerations", "resources"].contains(&name.as_str()) {
+                nested.push((format!("{path}.{name}{suffix}"), c.clone()));
+            }
+        }
+    }
+    if let Some(rules) = node.get("x-kubernetes-validations").and_then(Value::as_array) {
+        out.push_str("\nRules:\n\n");
+        for r in rules {
+            let msg = r.get("message").and_then(Value::as_str).unwrap_or_default();
+            let rule = r.get("rule").and_then(Value::as_str).unwrap_or_default();
+            out.push_str(&format!("- {msg} (`{rule}`)\n"));
+        }
+    }
+    out.push('\n');
+    for (p, c) in nested {
+        walk(out, &p, &c);
+    }
+}
+
+fn type_of(p: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match p.get("type").and_then(Value::as_str) {
+        Some("array") => format!("[]{}", p.get("items").map(type_of).unwrap_or_default()),
+        Some("object") if p.get("properties").is_none() => match p.get("additionalProperties") {
+            Some(a) => format!("map[string]{}", type_of(a)),
+            None => "object".into(),
+        },
+        Some("string") if p.get("pattern").and_then(Value::as_str) == Some(crate::DURATION_PATTERN) => {
+            "duration".into()
+        }
+        Some(t) => t.into(),
+        None if p.get("x-kubernetes-int-or-string").is_some() => "int or string".into(),
+        None => "any".into(),
+    }
+}

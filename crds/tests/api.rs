@@ -32,6 +32,18 @@ fn checked_in_crd_matches_the_types() {
 }
 
 #[test]
+fn checked_in_api_reference_matches_the_types() {
+    let path = repo_root().join(crd::API_REFERENCE_PATH);
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        checked_in == crd::api_reference(),
+        "{} is out of date with crds/src; regenerate it with\n  cargo run -p sluice-operator -- api-docs > {}",
+        path.display(),
+        crd::API_REFERENCE_PATH
+    );
+}
+
+#[test]
 fn every_example_is_valid() {
     let examples = yaml_files(&repo_root().join("examples"));
     assert!(examples.len() >= 5, "expected the examples, found {examples:?}");

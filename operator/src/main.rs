@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Print the StreamProcessor CustomResourceDefinition as YAML.
     Crd,
+    /// Print the API reference (Markdown) generated from the CRD schema.
+    ApiDocs,
     /// Run the controller.
     Run(RunArgs),
 }
@@ -176,6 +178,10 @@ async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Crd => {
             print!("{}", sluice_crds::crd::crd_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::ApiDocs => {
+            print!("{}", sluice_crds::crd::api_reference());
             ExitCode::SUCCESS
         }
         Command::Run(args) => {
