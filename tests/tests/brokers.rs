@@ -128,3 +128,16 @@ async fn redis_with_appendonly_keeps_data_across_a_restart() {
     let len: u64 = redis::cmd("XLEN").arg("kept").query_async(&mut conn).await.expect("XLEN");
     assert_eq!(len, 1);
 }
+
+#[test]
+fn a_panicking_test_leaves_no_server_behind() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let result = std::panic::catch_unwind(move || {
+        let redis = Redis::start();
+        tx.send((redis.pid(), redis.dir().to_path_buf())).expect("send");
+        panic!("the test fails while its server runs");
+    });
+    assert!(result.is_err());
+    let (pid, dir) = rx.recv().expect("the server started");
+    Leftovers::of(pid, &dir).assert_gone();
+}

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use futures::StreamExt;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -131,6 +133,22 @@ async fn kafka_lag_is_high_watermark_minus_committed_offset() {
     );
     let latest = probe(kafka_source(&kafka, "orders", None, StartFrom::Latest)).await.expect("probe");
     assert_eq!((latest.partitions, latest.total), (3, 0));
+
+    // Retention deleted what the group had not read: it resumes at the low
+    // watermark, so only high - low is left (5, not 10 - 2).
+    kafka.create_topic("trimmed", 1).expect("create topic");
+    produce(&kafka, "trimmed", &[10]);
+    commit(&kafka, "shop.slow", "trimmed", &[(0, 2)]);
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create().expect("admin");
+    let mut before = TopicPartitionList::new();
+    before.add_partition_offset("trimmed", 0, Offset::Offset(5)).expect("offset");
+    admin.delete_records(&before, &AdminOptions::new()).await.expect("delete records");
+    let trimmed = probe(kafka_source(&kafka, "trimmed", Some("shop.slow"), StartFrom::Earliest)).await;
+    assert_eq!(
+        trimmed.expect("probe"),
+        Lag { partitions: 1, total: 5, per_partition: vec![partition(0, Some(2), 10, 5)] }
+    );
 
     let missing = probe(kafka_source(&kafka, "no-such-topic", None, StartFrom::Earliest)).await;
     let err = missing.expect_err("missing topic");
