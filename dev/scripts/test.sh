@@ -13,6 +13,8 @@ step "cargo fmt --check"
 cargo fmt --all --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+step "cargo build --release (the binaries in the image the e2e suites run)"
+cargo build --release --locked -p sluice-worker -p sluice-operator
 step "cargo test"
 cargo test --workspace --locked "$@"
 step "done"

@@ -44,7 +44,7 @@ pub fn deployment(sp: &StreamProcessor, settings: &Settings, replicas: i32) -> D
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         value_env("SLUICE_HTTP_ADDR", format!("0.0.0.0:{HTTP_PORT}")),
-        value_env("SLUICE_SHUTDOWN_GRACE", format!("{}s", (settings.termination_grace_seconds - 5).max(1))),
+        value_env("SHUTDOWN_GRACE_PERIOD", format!("{}s", (settings.termination_grace_seconds - 5).max(1))),
     ];
     env.extend(secret_envs(&sp.spec).into_iter().map(|s| EnvVar {
         name: s.env,
