@@ -564,8 +564,10 @@ impl ServerProcess {
         let child = self.command.stdin(Stdio::null()).stdout(stdout).stderr(stderr).spawn().map_err(|source| {
             BrokerError::Io { server: self.server, what: format!("spawn {:?}", self.command.get_program()), source }
         })?;
+        let pid_file = self.log.with_file_name(SERVER_PID_FILE);
+        let pid = child.id().to_string();
         self.child = Some(child);
-        Ok(())
+        write(self.server, &pid_file, &pid)
     }
 
     /// Polls `probe` until it succeeds. Fails early when the process exits;
@@ -685,12 +687,61 @@ fn log_tail(log: &Path) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// In every server dir: the test process that owns it, and the server's pid.
+/// Drop cleans up after a panic, but not after a SIGKILL of the test process
+/// (a CI timeout): the next start sweeps what such a run left.
+const OWNER_FILE: &str = "owner.pid";
+const SERVER_PID_FILE: &str = "server.pid";
+const DIR_PREFIXES: [&str; 3] = ["sluice-kafka-", "sluice-nats-", "sluice-redis-"];
+
 fn temp_dir(server: &'static str) -> Result<TempDir> {
-    tempfile::Builder::new().prefix(&format!("sluice-{server}-")).tempdir().map_err(|source| BrokerError::Io {
-        server,
-        what: "create temp dir".into(),
-        source,
-    })
+    sweep_orphans();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("sluice-{server}-"))
+        .tempdir()
+        .map_err(|source| BrokerError::Io { server, what: "create temp dir".into(), source })?;
+    write(server, &dir.path().join(OWNER_FILE), &std::process::id().to_string())?;
+    Ok(dir)
+}
+
+/// Kills the servers of test processes that are gone and removes their dirs.
+/// A dir whose owner lives (another suite running now) is left alone.
+fn sweep_orphans() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !DIR_PREFIXES.iter().any(|prefix| name.to_string_lossy().starts_with(prefix)) {
+            continue;
+        }
+        let dir = entry.path();
+        // No owner file: not ours, or being created right now.
+        let Some(owner) = read_pid(&dir.join(OWNER_FILE)) else { continue };
+        if process_exists(owner) {
+            continue;
+        }
+        if let Some(pid) = read_pid(&dir.join(SERVER_PID_FILE)).filter(|&pid| runs_in(pid, &dir)) {
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        note(&format!("removing {}, left by test process {owner}, which is gone", dir.display()));
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn process_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether `pid` is still the server of `dir` (and not a reused pid): its
+/// command line names the dir (Kafka, NATS) or it runs in it (Redis).
+fn runs_in(pid: i32, dir: &Path) -> bool {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let dir_text = dir.to_string_lossy();
+    String::from_utf8_lossy(&cmdline).contains(dir_text.as_ref())
+        || fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
 }
 
 fn write(server: &'static str, path: &Path, text: &str) -> Result<()> {
