@@ -238,8 +238,9 @@ pub fn build(spec: &ImageSpec, cache_root: &Path) -> Result<PathBuf, ImageError>
     Ok(tar)
 }
 
-/// FNV-1a over the Dockerfile and every file of the context (names and
-/// contents), skipping `.git` and `target`.
+/// FNV-1a over the Dockerfile's contents and every context file's name,
+/// size and modification time (cargo rewrites a binary it rebuilt), skipping
+/// `.git` and `target`.
 pub fn fingerprint(dockerfile: &Path, context: &Path) -> Result<String, ImageError> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
@@ -262,17 +263,45 @@ pub fn fingerprint(dockerfile: &Path, context: &Path) -> Result<String, ImageErr
             let ft = e.file_type().map_err(io_err(&p))?;
             if ft.is_dir() {
                 stack.push(p);
-            } else if ft.is_file() {
+            } else {
                 files.push(p);
             }
         }
     }
     files.sort();
     for f in files {
+        let m = fs::symlink_metadata(&f).map_err(io_err(&f))?;
+        let mtime = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         feed(f.as_os_str().as_encoded_bytes());
-        feed(&fs::read(&f).map_err(io_err(&f))?);
+        feed(&m.len().to_le_bytes());
+        feed(&mtime.to_le_bytes());
     }
     Ok(format!("{h:016x}"))
+}
+
+/// A build context holding `dist/<file>` for each binary (hard links when
+/// possible), for the Dockerfile stage that copies host-built binaries.
+pub fn stage_binaries(binaries: &[PathBuf], cache_root: &Path, name: &str) -> Result<PathBuf, ImageError> {
+    let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let ctx = cache_root.join(format!("images/context-{safe}"));
+    let dist = ctx.join("dist");
+    let _ = fs::remove_dir_all(&ctx);
+    fs::create_dir_all(&dist).map_err(io_err(&dist))?;
+    for b in binaries {
+        let file = b
+            .file_name()
+            .ok_or_else(|| ImageError::Io { path: b.clone(), source: std::io::Error::other("not a file") })?;
+        let dst = dist.join(file);
+        if fs::hard_link(b, &dst).is_err() {
+            fs::copy(b, &dst).map_err(io_err(b))?;
+        }
+    }
+    Ok(ctx)
 }
 
 /// Loads a docker-archive tar into the node's containerd (namespace k8s.io).
@@ -294,7 +323,7 @@ mod tests {
         fs::write(dir.path().join("bin/x"), "1").unwrap();
         let a = fingerprint(&df, dir.path()).unwrap();
         assert_eq!(a, fingerprint(&df, dir.path()).unwrap());
-        fs::write(dir.path().join("bin/x"), "2").unwrap();
+        fs::write(dir.path().join("bin/x"), "22").unwrap();
         assert_ne!(a, fingerprint(&df, dir.path()).unwrap());
     }
 }

@@ -41,8 +41,12 @@ enum Cmd {
         #[arg(long, default_value = "Dockerfile")]
         dockerfile: PathBuf,
         /// Build context (default: the Dockerfile's folder).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "binary")]
         context: Option<PathBuf>,
+        /// A host-built binary to put in the context as dist/<name>
+        /// (repeatable); the target then defaults to `prebuilt`.
+        #[arg(long)]
+        binary: Vec<PathBuf>,
         /// Dockerfile stage to build (the one that copies host-built binaries).
         #[arg(long)]
         target: Option<String>,
@@ -94,8 +98,14 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        Cmd::Image { dockerfile, context, target, name, build_args, no_import } => {
-            let context = context.unwrap_or_else(|| {
+        Cmd::Image { dockerfile, context, binary, mut target, name, build_args, no_import } => {
+            let staged = if binary.is_empty() {
+                None
+            } else {
+                target.get_or_insert_with(|| "prebuilt".into());
+                Some(image::stage_binaries(&binary, &host::cache_root(), &name)?)
+            };
+            let context = staged.or(context).unwrap_or_else(|| {
                 dockerfile.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
             });
             let mut args = Vec::new();
