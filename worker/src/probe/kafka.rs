@@ -83,6 +83,7 @@ impl Shared {
     fn blocking_probe(&self) -> Result<Lag, ProbeError> {
         let deadline = Instant::now() + self.timeout;
         let left = || deadline.saturating_duration_since(Instant::now());
+        self.drain_events();
 
         let metadata = self
             .consumer
@@ -134,6 +135,20 @@ impl Shared {
         }
         let count = u32::try_from(partitions.len()).unwrap_or(u32::MAX);
         Ok(Lag::from_partitions(count, per_partition))
+    }
+
+    /// A consumer that is never polled keeps librdkafka's error events
+    /// (broker down, ...) queued for ever. It has no assignment, so a poll
+    /// returns no messages: only those events, which are logged and dropped.
+    fn drain_events(&self) {
+        const MAX_EVENTS: usize = 1000;
+        for _ in 0..MAX_EVENTS {
+            match self.consumer.poll(Duration::ZERO) {
+                None => return,
+                Some(Err(error)) => tracing::debug!(%error, endpoint = %self.endpoint, "Kafka client event"),
+                Some(Ok(_)) => {}
+            }
+        }
     }
 
     /// `first_contact`: a failure of the first call means the brokers were
