@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub const PAUSE_IMAGE: &str = "localhost/sluice-dev/pause:3.10.2";
-pub const BASE_IMAGE: &str = "localhost/sluice-dev/base:bookworm";
+pub const BASE_IMAGE: &str = "localhost/sluice-dev/base:bookworm-3";
 pub const BUSYBOX_IMAGE: &str = "localhost/sluice-dev/busybox:test";
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +160,7 @@ pub fn busybox_image_tar(cache_root: &Path) -> Result<PathBuf, ImageError> {
     Ok(tar)
 }
 
-/// The runtime base: glibc, libssl, CA certificates and a non-root user from
+/// The runtime base: glibc, libgcc, libssl, zlib, CA certificates and a non-root user from
 /// Debian 12, made by mmdebstrap without a chroot.
 pub fn base_image(cache_root: &Path) -> Result<String, ImageError> {
     let b = Buildah::new(cache_root);
@@ -179,7 +179,7 @@ pub fn base_image(cache_root: &Path) -> Result<String, ImageError> {
         r#"printf 'root:x:0:\nnonroot:x:65532:\n' > etc/group && mkdir -p home/nonroot"#
     );
     run(Command::new("mmdebstrap")
-        .args(["--mode=chrootless", "--variant=custom", "--include=libc6,libgcc-s1,libssl3,ca-certificates"])
+        .args(["--mode=chrootless", "--variant=custom", "--include=libc6,libgcc-s1,libssl3,zlib1g,ca-certificates"])
         .arg(format!("--customize-hook={hook}"))
         .arg("bookworm")
         .arg(&tar)
