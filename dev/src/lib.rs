@@ -21,6 +21,7 @@ pub mod component;
 pub mod components;
 pub mod config;
 pub mod dns;
+pub mod e2e;
 pub mod host;
 pub mod image;
 pub mod kubeconfig;

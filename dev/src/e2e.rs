@@ -1,0 +1,69 @@
+//! Where the end-to-end suites run: the cluster that `SLUICE_E2E_KUBECONFIG`
+//! names (any conformant cluster, with the project's image loaded the way that
+//! cluster loads local images), or else a fresh sluice-dev cluster.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::cluster::{Cluster, ClusterError, ClusterOptions};
+use crate::kubeconfig;
+
+pub const KUBECONFIG_ENV: &str = "SLUICE_E2E_KUBECONFIG";
+
+#[derive(Debug)]
+pub enum E2eCluster {
+    /// Started here; stopped on drop.
+    Local(Box<Cluster>),
+    /// Someone else's cluster; left as it is.
+    External { kubeconfig: PathBuf },
+}
+
+impl E2eCluster {
+    /// `SLUICE_E2E_KUBECONFIG` if set, else `Cluster::start(opts)`.
+    pub async fn connect(opts: ClusterOptions) -> Result<Self, ClusterError> {
+        match std::env::var_os(KUBECONFIG_ENV) {
+            Some(path) if !path.is_empty() => Ok(E2eCluster::External { kubeconfig: PathBuf::from(path) }),
+            _ => Ok(E2eCluster::Local(Box::new(Cluster::start(opts).await?))),
+        }
+    }
+
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        match self {
+            E2eCluster::Local(c) => c.kubeconfig_path(),
+            E2eCluster::External { kubeconfig } => kubeconfig.clone(),
+        }
+    }
+
+    pub async fn client(&self) -> Result<kube::Client, ClusterError> {
+        Ok(kubeconfig::client(&self.kubeconfig_path()).await?)
+    }
+
+    /// kubectl with KUBECONFIG set: the pinned build for a local cluster,
+    /// the one on PATH for an external one.
+    pub fn kubectl(&self) -> Command {
+        match self {
+            E2eCluster::Local(c) => c.kubectl(),
+            E2eCluster::External { kubeconfig } => {
+                let mut cmd = Command::new("kubectl");
+                cmd.env("KUBECONFIG", kubeconfig);
+                cmd
+            }
+        }
+    }
+
+    /// The local cluster, for what only it offers (audit log, host services,
+    /// component restarts).
+    pub fn local(&self) -> Option<&Cluster> {
+        match self {
+            E2eCluster::Local(c) => Some(c),
+            E2eCluster::External { .. } => None,
+        }
+    }
+
+    pub fn local_mut(&mut self) -> Option<&mut Cluster> {
+        match self {
+            E2eCluster::Local(c) => Some(c),
+            E2eCluster::External { .. } => None,
+        }
+    }
+}
