@@ -30,6 +30,11 @@ CONTAINERD_TAGS="urfave_cli_no_docs no_btrfs no_devmapper no_zfs"
 # Anything that changes how binaries are built goes into RECIPE (and so the key).
 RECIPE="recipe=3 k8s=$K8S_VERSION etcd=$ETCD_VERSION containerd=$CONTAINERD_VERSION tags=$CONTAINERD_TAGS coredns=$COREDNS_VERSION kwok=$KWOK_VERSION helm=$HELM_VERSION pause=$PAUSE_VERSION flags=-trimpath,-s,-w"
 
+if ! command -v go >/dev/null; then
+  echo "build-cluster: Go 1.26 is needed to build the cluster (go not found on PATH)" >&2
+  exit 1
+fi
+
 key="$( { cat "$cluster_src"/*/go.mod "$cluster_src"/*/go.sum; echo "$RECIPE"; go version; } | sha256sum | cut -c1-16)"
 out="$cache_root/cluster/$key"
 bin="$out/bin"

@@ -134,10 +134,10 @@ fn lock_host() -> Result<File, ClusterError> {
 
 impl Cluster {
     pub async fn start(opts: ClusterOptions) -> Result<Cluster, ClusterError> {
-        let t0 = Instant::now();
         host::check_host()?;
         host::check_binaries(&opts.bin_dir)?;
         let lock = lock_host()?;
+        let t0 = Instant::now();
         let (temp, state_dir) = match &opts.state_dir {
             Some(d) => (None, d.clone()),
             None => {
@@ -300,6 +300,18 @@ impl Cluster {
     pub fn kubectl(&self) -> std::process::Command {
         let mut cmd = std::process::Command::new(self.config.bin("kubectl"));
         cmd.env("KUBECONFIG", self.kubeconfig_path()).env("KUBECACHEDIR", self.config.state_dir.join("kubectl-cache"));
+        cmd
+    }
+
+    /// The pinned helm (v4.3.1), with KUBECONFIG set and its cache, config
+    /// and data folders in the state folder (never the user's).
+    pub fn helm(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(self.config.bin("helm"));
+        let home = self.config.state_dir.join("helm");
+        cmd.env("KUBECONFIG", self.kubeconfig_path())
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"));
         cmd
     }
 

@@ -41,6 +41,7 @@ pub const CLUSTER_BINARIES: &[&str] = &[
     "ctr",
     "coredns",
     "kwok",
+    "helm",
     "pause",
 ];
 
