@@ -153,6 +153,13 @@ impl Cluster {
             tracing::info!(state_dir = %state_dir.display(), "cleaning up after a previous run");
             cleanup::after_stop(&old);
         }
+        // A cluster of this host whose process died (we hold the lock, so it
+        // is not running): its mounts, chains and folders go first.
+        if let Some(old) = read_json::<Teardown>(Path::new(HOST_TEARDOWN)) {
+            tracing::warn!(state_dir = %old.state_dir.display(), "cleaning up after a cluster whose process died");
+            cleanup::after_stop(&old);
+            let _ = fs::remove_file(HOST_TEARDOWN);
+        }
         let mut ports = PortAllocator::default();
         let config = ClusterConfig {
             node_name: opts.node_name.clone(),
@@ -361,6 +368,7 @@ impl Cluster {
         self.runtime.stop_all();
         cleanup::after_stop(&self.teardown);
         let _ = fs::remove_file(teardown_path(&self.teardown.state_dir));
+        let _ = fs::remove_file(HOST_TEARDOWN);
         tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "cluster stopped");
     }
 
@@ -381,6 +389,14 @@ impl Drop for Cluster {
     }
 }
 
+/// The teardown of the cluster that holds the host lock, kept outside its
+/// state folder too (a test's temporary folder may be gone).
+const HOST_TEARDOWN: &str = "/run/sluice-dev/teardown.json";
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    serde_json::from_str(&fs::read_to_string(path).ok()?).ok()
+}
+
 fn teardown_path(state_dir: &Path) -> PathBuf {
     state_dir.join("teardown.json")
 }
@@ -388,7 +404,8 @@ fn teardown_path(state_dir: &Path) -> PathBuf {
 fn write_teardown(t: &Teardown) -> Result<(), ClusterError> {
     let path = teardown_path(&t.state_dir);
     let json = serde_json::to_string_pretty(t).map_err(|e| io_err(&path)(e.into()))?;
-    fs::write(&path, json).map_err(io_err(&path))
+    fs::write(&path, &json).map_err(io_err(&path))?;
+    fs::write(HOST_TEARDOWN, json).map_err(io_err(Path::new(HOST_TEARDOWN)))
 }
 
 /// What a previous `up` on `state_dir` recorded for `down`.
@@ -420,6 +437,9 @@ pub fn teardown_orphaned(state_dir: &Path) -> bool {
     std::thread::sleep(Duration::from_millis(500));
     cleanup::after_stop(&t);
     let _ = fs::remove_file(teardown_path(state_dir));
+    if read_json::<Teardown>(Path::new(HOST_TEARDOWN)).is_some_and(|h| h.state_dir == t.state_dir) {
+        let _ = fs::remove_file(HOST_TEARDOWN);
+    }
     true
 }
 
