@@ -12,6 +12,8 @@ pub const HEADER_STEP: &str = "sluice-step";
 pub const HEADER_PARTITION: &str = "sluice-partition";
 pub const HEADER_OFFSET: &str = "sluice-offset";
 pub const HEADER_ATTEMPT: &str = "sluice-attempt";
+/// Where the message came from (`kafka/<topic>`, ...); set by broker dead-letter sinks.
+pub const HEADER_SOURCE: &str = "sluice-source";
 
 /// One dead-lettered message.
 #[derive(Clone, Debug)]

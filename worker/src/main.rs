@@ -18,8 +18,8 @@ use sluice_worker::{
     pipeline::Pipeline,
     pool::{PoolConfig, Snapshots},
     runtime::Runtime,
-    sink::{Sink, file::FileSink, null::LogSink, stdout::StdoutSink},
-    source::{Source, SourceError, file::FileSource, generator::Generator},
+    sink::{Sink, file::FileSink, kafka::KafkaSink, null::LogSink, stdout::StdoutSink},
+    source::{Source, SourceError, file::FileSource, generator::Generator, kafka::KafkaSource},
     state::{StateKeys, StateStore, redis::RedisStore},
 };
 use tokio_util::sync::CancellationToken;
@@ -99,12 +99,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn source(spec: &StreamProcessorSpec, input: Option<String>) -> Result<Box<dyn Source>, Box<dyn std::error::Error>> {
+fn source(
+    spec: &StreamProcessorSpec,
+    processor: &str,
+    input: Option<String>,
+) -> Result<Box<dyn Source>, Box<dyn std::error::Error>> {
     if let Some(path) = input {
         return Ok(Box::new(FileSource::new(path)));
     }
     if let Some(g) = &spec.source.generator {
         return Ok(Box::new(Generator::new(g)?));
+    }
+    if let Some(k) = &spec.source.kafka {
+        // Default group `<namespace>.<name>`, as the operator's lag probe assumes.
+        let group = k.group.clone().unwrap_or_else(|| processor.replace('/', "."));
+        return Ok(Box::new(KafkaSource::new(k, &group, &|v| std::env::var(v).ok())?));
     }
     Err(Box::new(SourceError::Unsupported {
         kind: spec.source.kind(),
@@ -128,11 +137,17 @@ async fn run(
     dead_letter: Option<String>,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let spec = &cfg.spec;
-    let source = source(spec, input)?;
+    let source = source(spec, &cfg.processor, input)?;
+    let env = |v: &str| std::env::var(v).ok();
+    let source_brokers = spec.source.kafka.as_ref().map(|k| k.brokers.as_slice());
     let format = spec.sink.stdout.as_ref().map_or(StdoutFormat::Json, |s| s.format);
     let sink: Box<dyn Sink> = match (&output, &spec.sink.stdout) {
         (Some(path), _) => sink_for(path, format, false),
         (None, Some(_)) => Box::new(StdoutSink::new(format)),
+        (None, None) if spec.sink.kafka.is_some() => {
+            let k = spec.sink.kafka.as_ref().ok_or("sink.kafka")?;
+            Box::new(KafkaSink::new(k, source_brokers, "SINK", "spec.sink.kafka", &env)?)
+        }
         (None, None) => {
             return Err(format!(
                 "sink {} is not available in this build yet; run locally with --output <file|->",
@@ -147,7 +162,13 @@ async fn run(
             StdoutFormat::Json => StdoutFormat::Envelope,
             f => f,
         })),
-        (None, None) => Box::new(LogSink),
+        (None, None) => match spec.dead_letter.as_ref().and_then(|d| d.kafka.as_ref()) {
+            Some(k) => Box::new(
+                KafkaSink::new(k, source_brokers, "DEADLETTER", "spec.deadLetter.kafka", &env)?
+                    .with_header(sluice_worker::deadletter::HEADER_SOURCE, source_name(spec)),
+            ),
+            None => Box::new(LogSink),
+        },
     };
     let snapshots = match spec.state.as_ref() {
         Some(s) if s.backend == sluice_crds::StateBackend::Redis => {
@@ -212,6 +233,18 @@ async fn run(
     tracing::info!(consumed = summary.consumed, delivered = summary.delivered, dead_lettered = summary.dead_lettered,
         committed = ?summary.committed, "worker stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kafka/<topic>`, `nats/<stream>`, `redis/<stream>`: the dead-letter
+/// header naming where a message came from.
+fn source_name(spec: &StreamProcessorSpec) -> String {
+    let s = &spec.source;
+    match (&s.kafka, &s.nats, &s.redis) {
+        (Some(k), _, _) => format!("kafka/{}", k.topic),
+        (_, Some(n), _) => format!("nats/{}", n.stream),
+        (_, _, Some(r)) => format!("redis/{}", r.stream),
+        _ => s.kind().to_string(),
+    }
 }
 
 async fn wait_for_signal() {

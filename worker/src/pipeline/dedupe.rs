@@ -49,7 +49,7 @@ impl DedupeStep {
     }
 
     pub fn snapshot(&self, partition: i32) -> Option<Result<Vec<u8>, serde_json::Error>> {
-        self.seen.get(&partition).map(|s| serde_json::to_vec(s))
+        self.seen.get(&partition).map(serde_json::to_vec)
     }
 
     pub fn restore(&mut self, partition: i32, bytes: &[u8]) -> Result<(), serde_json::Error> {

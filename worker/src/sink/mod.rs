@@ -7,6 +7,7 @@
 //! offsets finished.
 
 pub mod file;
+pub mod kafka;
 pub mod null;
 pub mod stdout;
 
@@ -20,6 +21,10 @@ use crate::message::Message;
 pub enum SinkError {
     #[error("writing to {target}: {source}")]
     Io { target: String, source: std::io::Error },
+    #[error("{field}: {detail}")]
+    Config { field: &'static str, detail: String },
+    #[error("{kind} sink {target}: {detail}")]
+    Broker { kind: &'static str, target: String, detail: String },
 }
 
 pub trait Sink: Send {

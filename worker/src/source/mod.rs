@@ -12,6 +12,7 @@
 
 pub mod file;
 pub mod generator;
+pub mod kafka;
 
 use std::sync::Arc;
 
@@ -36,6 +37,10 @@ pub enum SourceError {
     Io { path: String, source: std::io::Error },
     #[error("source {kind} is not available in this build: {hint}")]
     Unsupported { kind: &'static str, hint: &'static str },
+    #[error("{field}: {detail}")]
+    Config { field: &'static str, detail: String },
+    #[error("{kind} source: {detail}")]
+    Broker { kind: &'static str, detail: String },
 }
 
 /// Commits source positions: `(partition, next offset to consume)`.

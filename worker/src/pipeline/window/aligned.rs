@@ -67,15 +67,16 @@ mod windows_serde {
     use serde::{Deserializer, Serializer};
 
     type Windows = BTreeMap<(i64, i64), HashMap<WindowKey, Accumulator>>;
+    type Stored<K, A> = Vec<(i64, i64, Vec<(K, A)>)>;
 
     pub fn serialize<S: Serializer>(w: &Windows, s: S) -> Result<S::Ok, S::Error> {
-        let list: Vec<(i64, i64, Vec<(&WindowKey, &Accumulator)>)> =
+        let list: Stored<&WindowKey, &Accumulator> =
             w.iter().map(|((end, start), keys)| (*end, *start, keys.iter().collect())).collect();
         list.serialize(s)
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Windows, D::Error> {
-        let list: Vec<(i64, i64, Vec<(WindowKey, Accumulator)>)> = Vec::deserialize(d)?;
+        let list: Stored<WindowKey, Accumulator> = Vec::deserialize(d)?;
         Ok(list.into_iter().map(|(end, start, keys)| ((end, start), keys.into_iter().collect())).collect())
     }
 }

@@ -93,6 +93,10 @@ impl SessionWindows {
     pub fn len(&self) -> usize {
         self.index.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
 }
 
 mod keys_serde {
@@ -103,8 +107,10 @@ mod keys_serde {
         m.iter().map(|(k, v)| (k, v.open.iter().collect::<Vec<_>>(), v.last_fired_end)).collect::<Vec<_>>().serialize(s)
     }
 
+    type Stored = Vec<(WindowKey, Vec<(i64, Session)>, Option<i64>)>;
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HashMap<WindowKey, KeySessions>, D::Error> {
-        let list: Vec<(WindowKey, Vec<(i64, Session)>, Option<i64>)> = Vec::deserialize(d)?;
+        let list: Stored = Vec::deserialize(d)?;
         Ok(list
             .into_iter()
             .map(|(k, open, last_fired_end)| (k, KeySessions { open: open.into_iter().collect(), last_fired_end }))

@@ -1,5 +1,6 @@
 //! The window semantics of DESIGN.md, as examples and as properties checked
 //! against naive models that recompute everything from the accepted events.
+#![allow(clippy::type_complexity)] // the models use plain tuples on purpose
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,390 @@
+//! Kafka source: a consumer-group member that yields batches and commits
+//! only what the runtime says was delivered.
+//!
+//! ```text
+//! StreamConsumer (cooperative-sticky, auto-commit off)
+//!   ├─ recv() ──> Message{partition, offset, key, headers, timestamp} ──> SourceEvent::Batch
+//!   ├─ rebalance callbacks (run inside recv) ──> pending Assigned / Revoked events,
+//!   │     returned before any message of the new assignment
+//!   └─ KafkaAcker::commit(low-water marks) ──> async offset commit of the
+//!         partitions still assigned (a revoked partition's new owner commits it)
+//! ```
+//!
+//! Broker outages surface as consumer errors from `recv`; they are logged
+//! and the consumer keeps going (librdkafka reconnects by itself), so a
+//! broker restart never ends the run. Credentials come from the environment
+//! variables `sluice_crds::secrets::secret_envs` names (`SLUICE_SECRET_<PLACE>_...`).
+
+use std::{
+    collections::{BTreeSet, VecDeque},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::{FutureExt, future::BoxFuture};
+use rdkafka::{
+    ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList,
+    config::RDKafkaLogLevel,
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    error::{KafkaError, KafkaResult},
+    message::{BorrowedMessage, Headers},
+};
+use sluice_crds::{KafkaAuth, KafkaSource as KafkaSourceSpec, SaslMechanism, StartFrom};
+
+use super::{Acker, Source, SourceError, SourceEvent};
+use crate::message::{Message, Payload, now_ms};
+
+/// How long `next` waits for a first message before it looks at pending
+/// rebalance events again.
+const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// Builds a librdkafka client configuration for `brokers` with the auth the
+/// spec names. `place` is the secret place (`SOURCE`, `SINK`, `DEADLETTER`):
+/// the values are read from `SLUICE_SECRET_<place>_SASL_USERNAME` and
+/// friends; `field` names the spec field in errors.
+pub fn client_config(
+    brokers: &[String],
+    auth: Option<&KafkaAuth>,
+    place: &str,
+    field: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ClientConfig, String> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers.join(",")).set_log_level(RDKafkaLogLevel::Warning);
+    let sasl = auth.and_then(|a| a.sasl.as_ref());
+    let tls = auth.and_then(|a| a.tls.as_ref());
+    let protocol = match (sasl.is_some(), tls.is_some()) {
+        (false, false) => "plaintext",
+        (false, true) => "ssl",
+        (true, false) => "sasl_plaintext",
+        (true, true) => "sasl_ssl",
+    };
+    config.set("security.protocol", protocol);
+    let var = |what: &str| format!("SLUICE_SECRET_{place}_{what}");
+    if let Some(sasl) = sasl {
+        let mechanism = match sasl.mechanism {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        };
+        let get = |what: &str| {
+            env(&var(what)).ok_or_else(|| {
+                format!("{field}.auth.sasl.secretRef: environment variable {} is not set; the operator sets it from the Secret", var(what))
+            })
+        };
+        config
+            .set("sasl.mechanism", mechanism)
+            .set("sasl.username", get("SASL_USERNAME")?)
+            .set("sasl.password", get("SASL_PASSWORD")?);
+    }
+    if tls.is_some() {
+        if let Some(ca) = env(&var("TLS_CA")) {
+            config.set("ssl.ca.pem", ca);
+        }
+        if let (Some(cert), Some(key)) = (env(&var("TLS_CERT")), env(&var("TLS_KEY"))) {
+            config.set("ssl.certificate.pem", cert).set("ssl.key.pem", key);
+        }
+    }
+    Ok(config)
+}
+
+/// Rebalance callbacks turned into source events, and the current assignment.
+pub struct GroupContext {
+    topic: String,
+    pending: Mutex<VecDeque<SourceEvent>>,
+    assigned: Mutex<BTreeSet<i32>>,
+    /// False after a consumer error until the next message arrives.
+    reachable: AtomicBool,
+}
+
+impl GroupContext {
+    fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect()
+    }
+
+    fn push(&self, event: SourceEvent) {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).push_back(event);
+    }
+
+    fn has_pending(&self) -> bool {
+        !self.pending.lock().unwrap_or_else(PoisonError::into_inner).is_empty()
+    }
+
+    fn pop(&self) -> Option<SourceEvent> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).pop_front()
+    }
+}
+
+impl ClientContext for GroupContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(topic = %self.topic, %error, reason, "Kafka consumer client error; librdkafka keeps reconnecting");
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let partitions = self.partitions(tpl);
+            {
+                let mut a = self.assigned.lock().unwrap_or_else(PoisonError::into_inner);
+                for p in &partitions {
+                    a.remove(p);
+                }
+            }
+            tracing::info!(topic = %self.topic, ?partitions, "Kafka revoked partitions; their new owner resumes from the last commit");
+            if !partitions.is_empty() {
+                self.push(SourceEvent::Revoked(partitions));
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let partitions = self.partitions(tpl);
+                self.assigned.lock().unwrap_or_else(PoisonError::into_inner).extend(partitions.iter().copied());
+                tracing::info!(topic = %self.topic, ?partitions, "Kafka assigned partitions");
+                if !partitions.is_empty() {
+                    self.push(SourceEvent::Assigned(partitions));
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(topic = %self.topic, error = %e, "Kafka rebalance failed; the group retries")
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(error) = result {
+            tracing::warn!(topic = %self.topic, %error, partitions = offsets.count(),
+                "Kafka offset commit failed; the next commit carries these positions");
+        }
+    }
+}
+
+type GroupConsumer = StreamConsumer<GroupContext>;
+
+pub struct KafkaSource {
+    consumer: Arc<GroupConsumer>,
+    topic: String,
+    /// A message received while a rebalance event was pending: it is returned
+    /// after that event.
+    stash: Option<Message>,
+}
+
+impl KafkaSource {
+    /// Joins `group` and subscribes to the topic (the connection itself is
+    /// made in the background).
+    pub fn new(spec: &KafkaSourceSpec, group: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, SourceError> {
+        let mut config = client_config(&spec.brokers, spec.auth.as_ref(), "SOURCE", "spec.source.kafka", env)
+            .map_err(|detail| SourceError::Config { field: "spec.source.kafka.auth", detail })?;
+        for (k, v) in &spec.properties {
+            config.set(k, v);
+        }
+        config
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set(
+                "auto.offset.reset",
+                match spec.start_from {
+                    StartFrom::Earliest => "earliest",
+                    StartFrom::Latest => "latest",
+                },
+            );
+        if let Ok(pod) = pod_name() {
+            config.set("client.id", format!("sluice-{pod}"));
+        }
+        let context = GroupContext {
+            topic: spec.topic.clone(),
+            pending: Mutex::default(),
+            assigned: Mutex::default(),
+            reachable: AtomicBool::new(true),
+        };
+        let consumer: GroupConsumer = config.create_with_context(context).map_err(|e| SourceError::Config {
+            field: "spec.source.kafka",
+            detail: format!("the Kafka client rejected the configuration: {e}"),
+        })?;
+        consumer.subscribe(&[&spec.topic]).map_err(|e| SourceError::Broker {
+            kind: "kafka",
+            detail: format!("subscribe to topic {}: {e}", spec.topic),
+        })?;
+        tracing::info!(topic = %spec.topic, group, brokers = %spec.brokers.join(","), "Kafka consumer subscribed");
+        Ok(Self { consumer: Arc::new(consumer), topic: spec.topic.clone(), stash: None })
+    }
+
+    /// Whether the last consumer call reached the brokers.
+    pub fn reachable(&self) -> bool {
+        self.consumer.context().reachable.load(Ordering::Relaxed)
+    }
+}
+
+/// The pod's name: `POD_NAME` (the downward API), else the host name.
+pub fn pod_name() -> Result<String, std::io::Error> {
+    if let Ok(p) = std::env::var("POD_NAME")
+        && !p.is_empty()
+    {
+        return Ok(p);
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string())
+}
+
+fn convert(m: &BorrowedMessage<'_>) -> Message {
+    let headers = m
+        .headers()
+        .map(|hs| hs.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
+        .unwrap_or_default();
+    Message {
+        key: m.key().map(<[u8]>::to_vec),
+        payload: Payload::from_bytes(m.payload().map(<[u8]>::to_vec).unwrap_or_default()),
+        headers,
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp: m.timestamp().to_millis().unwrap_or_else(now_ms),
+    }
+}
+
+impl KafkaSource {
+    fn on_error(&self, error: &KafkaError) {
+        let ctx = self.consumer.context();
+        if ctx.reachable.swap(false, Ordering::Relaxed) {
+            tracing::warn!(topic = %self.topic, %error, "Kafka consumer error; retrying in the background");
+        } else {
+            tracing::debug!(topic = %self.topic, %error, "Kafka consumer error");
+        }
+    }
+
+    async fn next_batch(&mut self, max: usize) -> Result<SourceEvent, SourceError> {
+        let mut batch: Vec<Message> = Vec::with_capacity(max.min(4096));
+        loop {
+            let ctx = self.consumer.context();
+            if batch.is_empty() {
+                if let Some(e) = ctx.pop() {
+                    return Ok(e);
+                }
+                if let Some(m) = self.stash.take() {
+                    batch.push(m);
+                    continue;
+                }
+            } else if ctx.has_pending() || batch.len() >= max {
+                return Ok(SourceEvent::Batch(batch));
+            }
+            let received = if batch.is_empty() {
+                match tokio::time::timeout(IDLE_TICK, self.consumer.recv()).await {
+                    Ok(r) => r.map(|m| convert(&m)),
+                    Err(_) => continue,
+                }
+            } else {
+                match self.consumer.recv().now_or_never() {
+                    Some(r) => r.map(|m| convert(&m)),
+                    None => return Ok(SourceEvent::Batch(batch)),
+                }
+            };
+            match received {
+                Ok(m) => {
+                    ctx.reachable.store(true, Ordering::Relaxed);
+                    if ctx.has_pending() {
+                        // An assignment change arrived with this message:
+                        // the event goes first.
+                        self.stash = Some(m);
+                    } else {
+                        batch.push(m);
+                    }
+                }
+                Err(e) => {
+                    self.on_error(&e);
+                    if !batch.is_empty() {
+                        return Ok(SourceEvent::Batch(batch));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Source for KafkaSource {
+    fn next(&mut self, max: usize) -> BoxFuture<'_, Result<SourceEvent, SourceError>> {
+        Box::pin(self.next_batch(max.max(1)))
+    }
+
+    fn acker(&self) -> Arc<dyn Acker> {
+        Arc::new(KafkaAcker { consumer: self.consumer.clone(), topic: self.topic.clone() })
+    }
+
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+}
+
+/// Commits the runtime's low-water marks as the group's offsets.
+pub struct KafkaAcker {
+    consumer: Arc<GroupConsumer>,
+    topic: String,
+}
+
+impl Acker for KafkaAcker {
+    fn commit<'a>(&'a self, positions: &'a [(i32, i64)]) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let assigned = self.consumer.context().assigned.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let mut tpl = TopicPartitionList::with_capacity(positions.len());
+            for &(p, o) in positions {
+                // A revoked partition belongs to someone else now: committing
+                // our older position would move its offset backwards.
+                if assigned.contains(&p) {
+                    tpl.add_partition_offset(&self.topic, p, Offset::Offset(o)).map_err(|e| SourceError::Broker {
+                        kind: "kafka",
+                        detail: format!("offset {o} for partition {p}: {e}"),
+                    })?;
+                } else {
+                    tracing::debug!(topic = %self.topic, partition = p, offset = o, "not committing a partition no longer assigned");
+                }
+            }
+            if tpl.count() == 0 {
+                return Ok(());
+            }
+            // Async: librdkafka sends it in order with the next ones and waits
+            // for outstanding commits when the consumer closes.
+            self.consumer.commit(&tpl, CommitMode::Async).map_err(|e| SourceError::Broker {
+                kind: "kafka",
+                detail: format!("commit offsets of topic {}: {e}", self.topic),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_crds::{CredentialsSecretRef, Sasl};
+
+    use super::*;
+
+    #[test]
+    fn sasl_credentials_come_from_the_named_variables() {
+        let auth = KafkaAuth {
+            sasl: Some(Sasl {
+                mechanism: SaslMechanism::ScramSha512,
+                secret_ref: CredentialsSecretRef {
+                    name: "u".into(),
+                    username_key: "username".into(),
+                    password_key: "password".into(),
+                },
+            }),
+            tls: None,
+        };
+        let brokers = vec!["k:9092".to_string()];
+        let err =
+            client_config(&brokers, Some(&auth), "SOURCE", "spec.source.kafka", &|_| None).err().unwrap_or_default();
+        assert!(err.contains("SLUICE_SECRET_SOURCE_SASL_USERNAME"), "{err}");
+        let c = client_config(&brokers, Some(&auth), "SINK", "spec.sink.kafka", &|k| Some(format!("v-{k}")))
+            .expect("config");
+        assert_eq!(c.get("sasl.username"), Some("v-SLUICE_SECRET_SINK_SASL_USERNAME"));
+        assert_eq!(c.get("security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+    }
+}
