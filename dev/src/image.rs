@@ -304,6 +304,41 @@ pub fn stage_binaries(binaries: &[PathBuf], cache_root: &Path, name: &str) -> Re
     Ok(ctx)
 }
 
+/// The project's own image, `name` (the chart's `<repository>:<appVersion>`),
+/// from the Dockerfile's `prebuilt` stage with host-built `sluice-operator`
+/// and `sluice-worker` from `binaries_dir` (e.g. the cargo target's release/).
+pub fn project_image_tar(
+    repo_root: &Path,
+    binaries_dir: &Path,
+    name: &str,
+    cache_root: &Path,
+) -> Result<PathBuf, ImageError> {
+    let mut binaries = Vec::new();
+    for b in ["sluice-operator", "sluice-worker"] {
+        let path = binaries_dir.join(b);
+        if !path.is_file() {
+            return Err(ImageError::Io {
+                path,
+                source: std::io::Error::other(
+                    "not built; run: cargo build --release -p sluice-operator -p sluice-worker",
+                ),
+            });
+        }
+        binaries.push(path);
+    }
+    let context = stage_binaries(&binaries, cache_root, name)?;
+    build(
+        &ImageSpec {
+            dockerfile: repo_root.join("Dockerfile"),
+            context,
+            target: Some("prebuilt".into()),
+            name: name.into(),
+            build_args: Vec::new(),
+        },
+        cache_root,
+    )
+}
+
 /// Loads a docker-archive tar into the node's containerd (namespace k8s.io).
 pub fn import(ctr: &Path, containerd_socket: &Path, tar: &Path) -> Result<(), ImageError> {
     run(Command::new(ctr).arg("-a").arg(containerd_socket).args(["-n", "k8s.io", "images", "import"]).arg(tar))?;

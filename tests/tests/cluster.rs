@@ -661,3 +661,77 @@ spec:
     assert!(nodes.contains(" Ready "), "{nodes}");
     cluster.stop();
 }
+
+/// The repository root (tests/ is one of its members).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// `sluice:<appVersion>`: the image the chart refers to.
+fn chart_image() -> String {
+    let chart = std::fs::read_to_string(repo_root().join("charts/sluice/Chart.yaml")).expect("Chart.yaml");
+    let version = chart
+        .lines()
+        .find_map(|l| l.strip_prefix("appVersion:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .expect("appVersion in Chart.yaml");
+    format!("sluice:{version}")
+}
+
+/// The cargo target's release folder, next to this test binary's profile.
+fn release_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // <target>/<profile>/deps/cluster-<hash>
+    exe.ancestors().nth(3).expect("target dir").join("release")
+}
+
+#[tokio::test]
+async fn the_project_image_runs_in_a_restricted_namespace() {
+    let name = chart_image();
+    let tar = image::project_image_tar(&repo_root(), &release_dir(), &name, &sluice_dev::host::cache_root())
+        .unwrap_or_else(|e| panic!("building the project image {name}: {e}"));
+    let cluster = start(ClusterOptions { images: vec![tar], ..ClusterOptions::default() }).await;
+    let ns = "project";
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: {ns}
+  labels: {{pod-security.kubernetes.io/enforce: restricted}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: crd, namespace: {ns}}}
+spec:
+  restartPolicy: Never
+  securityContext: {{runAsNonRoot: true, seccompProfile: {{type: RuntimeDefault}}}}
+  containers:
+    - name: operator
+      image: {name}
+      imagePullPolicy: IfNotPresent
+      args: [crd]
+      resources: {{limits: {{memory: 64Mi, cpu: 200m}}}}
+      securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}
+    - name: worker
+      image: {name}
+      imagePullPolicy: IfNotPresent
+      command: [/usr/local/bin/sluice-worker, --version]
+      resources: {{limits: {{memory: 64Mi, cpu: 200m}}}}
+      securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}
+"#
+    );
+    let o = kubectl_stdin(&cluster, &["apply", "-f", "-"], &manifest);
+    assert!(o.status.success(), "{}", text(&o));
+    let client = cluster.client().await.expect("client");
+    let pods = Api::<Pod>::namespaced(client, ns);
+    let done = poll(Duration::from_secs(60), || async {
+        pods.get("crd").await.ok().and_then(|p| p.status).and_then(|s| s.phase).as_deref() == Some("Succeeded")
+    })
+    .await;
+    assert!(done, "pod of {name} did not succeed:\n{}", diagnose(&cluster, ns, "crd"));
+    let crd = kubectl_ok(&cluster, &["logs", "-n", ns, "crd", "-c", "operator"]);
+    assert!(crd.contains("kind: CustomResourceDefinition") && crd.contains("streamprocessors.sluice.io"), "{crd}");
+    let version = kubectl_ok(&cluster, &["logs", "-n", ns, "crd", "-c", "worker"]);
+    assert!(version.contains("sluice-worker"), "{version}");
+}
