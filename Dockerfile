@@ -36,7 +36,9 @@ RUN for c in crds worker operator dev tests; do mkdir -p $c/src && echo '' > $c/
 COPY . .
 RUN touch crds/src/lib.rs worker/src/lib.rs operator/src/lib.rs \
  && cargo build --release --locked -p sluice-worker -p sluice-operator \
- && mkdir -p /dist && cp target/release/sluice-worker target/release/sluice-operator /dist/
+ && mkdir -p /dist \
+ && strip --strip-debug -o /dist/sluice-worker target/release/sluice-worker \
+ && strip --strip-debug -o /dist/sluice-operator target/release/sluice-operator
 
 # --- prebuilt: the same final layout from binaries built on the host ---------
 FROM ${RUNTIME_IMAGE} AS prebuilt

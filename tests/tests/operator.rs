@@ -41,9 +41,7 @@ const IMAGE: &str = concat!("sluice:", env!("CARGO_PKG_VERSION"));
 /// The project's image, built from the Dockerfile's `prebuilt` stage with the
 /// release binaries (rebuilt only when they change).
 fn project_image() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
     let release = target.join("release");
     let context = target.join("image-context");
     std::fs::create_dir_all(context.join("dist")).expect("create the image context");
@@ -55,9 +53,18 @@ fn project_image() -> PathBuf {
             from.display()
         );
         let to = context.join("dist").join(bin);
-        let stale = std::fs::metadata(&to).and_then(|m| m.modified()).ok() < std::fs::metadata(&from).and_then(|m| m.modified()).ok();
+        let stale = std::fs::metadata(&to).and_then(|m| m.modified()).ok()
+            < std::fs::metadata(&from).and_then(|m| m.modified()).ok();
         if stale || !to.exists() {
-            std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+            // The release profile keeps line tables for profiling; the image does not need them.
+            let out = std::process::Command::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(&to)
+                .arg(&from)
+                .output()
+                .unwrap_or_else(|e| panic!("run strip (apt-get install binutils): {e}"));
+            assert!(out.status.success(), "strip {}: {}", from.display(), String::from_utf8_lossy(&out.stderr));
         }
     }
     let spec = image::ImageSpec {
@@ -81,7 +88,9 @@ async fn install_crd(client: &Client) {
     let text = std::fs::read_to_string(repo_root().join(sluice_crds::crd::CHECKED_IN_PATH)).expect("checked-in CRD");
     let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("CRD YAML");
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch(&crd.name_any(), &PatchParams::apply("sluice-e2e").force(), &Patch::Apply(&crd)).await.expect("apply CRD");
+    api.patch(&crd.name_any(), &PatchParams::apply("sluice-e2e").force(), &Patch::Apply(&crd))
+        .await
+        .expect("apply CRD");
     eventually("the CRD is established", Duration::from_secs(30), || async {
         let c = api.get(&crd.name_any()).await.ok()?;
         c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
@@ -120,10 +129,7 @@ where
 }
 
 fn condition(sp: &StreamProcessor, type_: &str) -> Option<(String, String, String)> {
-    sp.status
-        .as_ref()?
-        .condition(type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    sp.status.as_ref()?.condition(type_).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 /// A processor that runs for ever on the generator and prints to stdout.
@@ -154,7 +160,8 @@ async fn operator_runs_a_processor_on_the_real_node() {
     restricted_namespace(&client, NS).await;
 
     let (stop, stopped) = watch::channel(false);
-    let settings = Settings { worker_image: IMAGE.into(), image_pull_policy: "Never".into(), termination_grace_seconds: 10 };
+    let settings =
+        Settings { worker_image: IMAGE.into(), image_pull_policy: "Never".into(), termination_grace_seconds: 10 };
     let operator = tokio::spawn(controller::run(
         client.clone(),
         Some(NS.into()),
@@ -180,7 +187,11 @@ async fn operator_runs_a_processor_on_the_real_node() {
                 api.get_opt("counts").await.ok().flatten()
             })
             .await;
-            assert!(obj.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)), "{} not owned", stringify!($k));
+            assert!(
+                obj.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)),
+                "{} not owned",
+                stringify!($k)
+            );
             obj
         }};
     }
@@ -215,7 +226,9 @@ async fn operator_runs_a_processor_on_the_real_node() {
     // kubectl shows the printer columns.
     let out = cluster.kubectl().args(["get", "sp", "-n", NS]).output().expect("kubectl");
     let text = String::from_utf8_lossy(&out.stdout);
-    for col in ["NAME", "SOURCE", "PARTITIONS", "LAG", "DESIRED", "READY", "STATUS", "AGE", "counts", "generator", "Running"] {
+    for col in
+        ["NAME", "SOURCE", "PARTITIONS", "LAG", "DESIRED", "READY", "STATUS", "AGE", "counts", "generator", "Running"]
+    {
         assert!(text.contains(col), "`kubectl get sp` lacks {col}:\n{text}");
     }
 
@@ -229,9 +242,13 @@ async fn operator_runs_a_processor_on_the_real_node() {
 
     // An invalid expression: Degraded with the field, an Event, and the last good workers keep running.
     let hash_before = deployment_hash(&client).await;
-    sps.patch("counts", &PatchParams::default(), &Patch::Merge(json!({"spec": {"pipeline": [{"filter": "msg.amount >"}]}})))
-        .await
-        .expect("patch an invalid filter");
+    sps.patch(
+        "counts",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"pipeline": [{"filter": "msg.amount >"}]}})),
+    )
+    .await
+    .expect("patch an invalid filter");
     let (_, reason, message) = eventually("Degraded names the bad filter", Duration::from_secs(30), || async {
         let sp = sps.get("counts").await.ok()?;
         condition(&sp, "Degraded").filter(|(s, _, _)| s == "True")
@@ -248,9 +265,13 @@ async fn operator_runs_a_processor_on_the_real_node() {
     .await;
 
     // Fixed: it recovers, and the new pipeline rolls the pods.
-    sps.patch("counts", &PatchParams::default(), &Patch::Merge(json!({"spec": {"pipeline": [{"filter": "msg.amount > 50"}]}})))
-        .await
-        .expect("patch a valid filter");
+    sps.patch(
+        "counts",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"pipeline": [{"filter": "msg.amount > 50"}]}})),
+    )
+    .await
+    .expect("patch a valid filter");
     eventually("Degraded clears", Duration::from_secs(30), || async {
         let sp = sps.get("counts").await.ok()?;
         condition(&sp, "Degraded").filter(|(s, _, _)| s == "False")
@@ -285,5 +306,10 @@ async fn operator_runs_a_processor_on_the_real_node() {
 
 async fn deployment_hash(client: &Client) -> String {
     let d = Api::<Deployment>::namespaced(client.clone(), NS).get("counts").await.expect("deployment");
-    d.spec.template.metadata.and_then(|m| m.annotations).and_then(|a| a.get("sluice.io/config-hash").cloned()).unwrap_or_default()
+    d.spec
+        .template
+        .metadata
+        .and_then(|m| m.annotations)
+        .and_then(|a| a.get("sluice.io/config-hash").cloned())
+        .unwrap_or_default()
 }
