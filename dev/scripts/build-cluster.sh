@@ -60,7 +60,7 @@ if [[ "${SLUICE_CLUSTER_SKIP_APT:-}" != 1 ]]; then
       exit 1
     fi
     log "installing Debian packages: ${missing[*]}"
-    apt-get update -qq
+    apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
   fi
 fi

@@ -56,11 +56,14 @@ pub const DEBIAN_FILES: &[(&str, &str)] = &[
     ("/usr/sbin/conntrack", "conntrack"),
 ];
 
-/// Where build-cluster.sh put the binaries: `$SLUICE_CLUSTER_BIN_DIR`, or the
+/// Where build-cluster.sh put the binaries: `$SLUICE_CLUSTER_BIN_DIR` (or
+/// `$SLUICE_CLUSTER_BIN`, as dev/scripts/setup.sh exports it), or the
 /// last complete build under `${XDG_CACHE_HOME:-~/.cache}/sluice/cluster/current/bin`.
 pub fn default_bin_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("SLUICE_CLUSTER_BIN_DIR") {
-        return PathBuf::from(dir);
+    for var in ["SLUICE_CLUSTER_BIN_DIR", "SLUICE_CLUSTER_BIN"] {
+        if let Some(dir) = std::env::var_os(var).filter(|d| !d.is_empty()) {
+            return PathBuf::from(dir);
+        }
     }
     cache_root().join("cluster/current/bin")
 }
