@@ -47,7 +47,6 @@ use crate::{Duration, StreamProcessorStatus};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
         .message("metadata.name must be a DNS label of at most 50 characters that starts with a letter: it names the worker Deployment, Service and Lease")
-        .field_path(".metadata.name")
 )]
 #[x_kube(validation = Rule::new("self.delivery != 'exactlyOnce' || (has(self.source.kafka) && has(self.sink.kafka))")
     .message("delivery: exactlyOnce needs a Kafka source and a Kafka sink; use atLeastOnce for other brokers")

@@ -127,6 +127,11 @@ pub fn validate_manifest(value: &Value) -> Result<StreamProcessor, ValidationErr
     if let Err(cel_errors) = kube::core::cel::Validator::new().validate(&schema, value, None) {
         errors.extend(cel_errors.into_vec().into_iter().map(|e| FieldError {
             path: match e.field_path.trim_start_matches('.') {
+                // The API server allows no fieldPath into metadata, so rules on
+                // the object root name their field at the start of the message.
+                "" if e.message.starts_with("metadata.") => {
+                    e.message.split_whitespace().next().unwrap_or_default().trim_end_matches(':').to_string()
+                }
                 "" => "<document>".into(),
                 p => p.to_string(),
             },
