@@ -735,3 +735,48 @@ spec:
     let version = kubectl_ok(&cluster, &["logs", "-n", ns, "crd", "-c", "worker"]);
     assert!(version.contains("sluice-worker"), "{version}");
 }
+
+#[tokio::test]
+async fn helm_installs_the_chart_and_the_operator_takes_the_lease() {
+    let name = chart_image();
+    let tar = image::project_image_tar(&repo_root(), &release_dir(), &name, &sluice_dev::host::cache_root())
+        .unwrap_or_else(|e| panic!("building the project image {name}: {e}"));
+    let cluster = start(ClusterOptions { images: vec![tar], ..ClusterOptions::default() }).await;
+    let ns = "sluice-system";
+    kubectl_ok(&cluster, &["create", "namespace", ns]);
+    kubectl_ok(&cluster, &["label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted"]);
+    let chart = repo_root().join("charts/sluice");
+    let chart = chart.to_str().expect("chart path");
+    let o = cluster
+        .helm()
+        .args(["install", "sluice", chart, "-n", ns, "--wait", "--timeout", "120s"])
+        .output()
+        .expect("running helm");
+    assert!(
+        o.status.success(),
+        "helm install failed: {}\n{}",
+        text(&o),
+        text(&kubectl(&cluster, &["describe", "pods", "-n", ns]))
+    );
+    let sa = format!("system:serviceaccount:{ns}:");
+    wait_for("the operator to take its Lease", Duration::from_secs(30), || async {
+        cluster.audit_records().is_ok_and(|r| {
+            r.iter().any(|a| {
+                a.user.starts_with(&sa)
+                    && a.resource == "leases"
+                    && (a.code == 200 || a.code == 201)
+                    && (a.verb == "create" || a.verb == "patch" || a.verb == "update")
+            })
+        })
+    })
+    .await;
+    let denied: Vec<_> = cluster
+        .audit_records()
+        .expect("audit log")
+        .into_iter()
+        .filter(|a| a.user.starts_with(&sa) && a.code == 403)
+        .collect();
+    assert!(denied.is_empty(), "the chart's RBAC denied the operator: {denied:#?}");
+    let o = cluster.helm().args(["uninstall", "sluice", "-n", ns, "--wait"]).output().expect("running helm");
+    assert!(o.status.success(), "helm uninstall failed: {}", text(&o));
+}
