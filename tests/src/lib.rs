@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod brokers;
+pub mod e2e;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {

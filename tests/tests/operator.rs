@@ -8,21 +8,14 @@
 //! sluice-operator`); `make test` provides all three. Missing ones FAIL with
 //! the command to run.
 
-use std::{
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
-use k8s_openapi::{
-    api::{
-        apps::v1::Deployment,
-        core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount},
-        events::v1::Event,
-        policy::v1::PodDisruptionBudget,
-        rbac::v1::{Role, RoleBinding},
-    },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ConfigMap, Pod, Service, ServiceAccount},
+    events::v1::Event,
+    policy::v1::PodDisruptionBudget,
+    rbac::v1::{Role, RoleBinding},
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -30,107 +23,11 @@ use kube::{
 };
 use serde_json::json;
 use sluice_crds::StreamProcessor;
-use sluice_dev::{Cluster, ClusterOptions, image};
 use sluice_operator::{build::Settings, controller, metrics::Metrics, probe::BrokerProbe};
-use sluice_tests::repo_root;
+use sluice_tests::e2e::{IMAGE, condition, eventually, install_crd, restricted_namespace, start_cluster};
 use tokio::sync::watch;
 
 const NS: &str = "sluice-e2e";
-const IMAGE: &str = concat!("sluice:", env!("CARGO_PKG_VERSION"));
-
-/// The project's image, built from the Dockerfile's `prebuilt` stage with the
-/// release binaries (rebuilt only when they change).
-fn project_image() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
-    let release = target.join("release");
-    let context = target.join("image-context");
-    std::fs::create_dir_all(context.join("dist")).expect("create the image context");
-    for bin in ["sluice-worker", "sluice-operator"] {
-        let from = release.join(bin);
-        assert!(
-            from.is_file(),
-            "{} is missing: build it with `cargo build --release -p sluice-worker -p sluice-operator` (make test does)",
-            from.display()
-        );
-        let to = context.join("dist").join(bin);
-        let stale = std::fs::metadata(&to).and_then(|m| m.modified()).ok()
-            < std::fs::metadata(&from).and_then(|m| m.modified()).ok();
-        if stale || !to.exists() {
-            // The release profile keeps line tables for profiling; the image does not need them.
-            let out = std::process::Command::new("strip")
-                .arg("--strip-debug")
-                .arg("-o")
-                .arg(&to)
-                .arg(&from)
-                .output()
-                .unwrap_or_else(|e| panic!("run strip (apt-get install binutils): {e}"));
-            assert!(out.status.success(), "strip {}: {}", from.display(), String::from_utf8_lossy(&out.stderr));
-        }
-    }
-    let spec = image::ImageSpec {
-        dockerfile: repo_root().join("Dockerfile"),
-        context,
-        target: Some("prebuilt".into()),
-        name: IMAGE.into(),
-        build_args: vec![],
-    };
-    image::build(&spec, &sluice_dev::host::cache_root()).unwrap_or_else(|e| panic!("building the project image: {e}"))
-}
-
-async fn start_cluster() -> Cluster {
-    let opts = ClusterOptions { images: vec![project_image()], ..ClusterOptions::default() };
-    Cluster::start(opts).await.unwrap_or_else(|e| {
-        panic!("could not start the sluice-dev cluster: {e}\n(build it with `bash dev/scripts/build-cluster.sh`, run as root)")
-    })
-}
-
-async fn install_crd(client: &Client) {
-    let text = std::fs::read_to_string(repo_root().join(sluice_crds::crd::CHECKED_IN_PATH)).expect("checked-in CRD");
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("CRD YAML");
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch(&crd.name_any(), &PatchParams::apply("sluice-e2e").force(), &Patch::Apply(&crd))
-        .await
-        .expect("apply CRD");
-    eventually("the CRD is established", Duration::from_secs(30), || async {
-        let c = api.get(&crd.name_any()).await.ok()?;
-        c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
-    })
-    .await;
-}
-
-async fn restricted_namespace(client: &Client, name: &str) {
-    let ns: Namespace = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": name, "labels": {
-            "pod-security.kubernetes.io/enforce": "restricted",
-            "pod-security.kubernetes.io/enforce-version": "latest"}}
-    }))
-    .expect("namespace");
-    Api::<Namespace>::all(client.clone())
-        .patch(name, &PatchParams::apply("sluice-e2e").force(), &Patch::Apply(&ns))
-        .await
-        .expect("create namespace");
-}
-
-/// Poll `check` until it yields, or fail naming `what`.
-async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-fn condition(sp: &StreamProcessor, type_: &str) -> Option<(String, String, String)> {
-    sp.status.as_ref()?.condition(type_).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
 
 /// A processor that runs for ever on the generator and prints to stdout.
 fn generator_processor(name: &str) -> serde_json::Value {

@@ -1,0 +1,117 @@
+//! The end-to-end harness: the project's image, the real local cluster
+//! (sluice-dev) with it loaded, the CRD from the chart, and polling with
+//! deadlines (never sleep-and-hope).
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::core::v1::Namespace, apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{Patch, PatchParams},
+};
+use serde_json::json;
+use sluice_crds::StreamProcessor;
+use sluice_dev::{Cluster, ClusterOptions, image};
+
+use crate::repo_root;
+
+pub const IMAGE: &str = concat!("sluice:", env!("CARGO_PKG_VERSION"));
+
+/// The project's image, built from the Dockerfile's `prebuilt` stage with the
+/// release binaries (rebuilt only when they change).
+pub fn project_image() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
+    let release = target.join("release");
+    let context = target.join("image-context");
+    std::fs::create_dir_all(context.join("dist")).expect("create the image context");
+    for bin in ["sluice-worker", "sluice-operator"] {
+        let from = release.join(bin);
+        assert!(
+            from.is_file(),
+            "{} is missing: build it with `cargo build --release -p sluice-worker -p sluice-operator` (make test does)",
+            from.display()
+        );
+        let to = context.join("dist").join(bin);
+        let stale = std::fs::metadata(&to).and_then(|m| m.modified()).ok()
+            < std::fs::metadata(&from).and_then(|m| m.modified()).ok();
+        if stale || !to.exists() {
+            // The release profile keeps line tables for profiling; the image does not need them.
+            let out = std::process::Command::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(&to)
+                .arg(&from)
+                .output()
+                .unwrap_or_else(|e| panic!("run strip (apt-get install binutils): {e}"));
+            assert!(out.status.success(), "strip {}: {}", from.display(), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let spec = image::ImageSpec {
+        dockerfile: repo_root().join("Dockerfile"),
+        context,
+        target: Some("prebuilt".into()),
+        name: IMAGE.into(),
+        build_args: vec![],
+    };
+    image::build(&spec, &sluice_dev::host::cache_root()).unwrap_or_else(|e| panic!("building the project image: {e}"))
+}
+
+pub async fn start_cluster() -> Cluster {
+    let opts = ClusterOptions { images: vec![project_image()], ..ClusterOptions::default() };
+    Cluster::start(opts).await.unwrap_or_else(|e| {
+        panic!("could not start the sluice-dev cluster: {e}\n(build it with `bash dev/scripts/build-cluster.sh`, run as root)")
+    })
+}
+
+pub async fn install_crd(client: &Client) {
+    let text = std::fs::read_to_string(repo_root().join(sluice_crds::crd::CHECKED_IN_PATH)).expect("checked-in CRD");
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("CRD YAML");
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.patch(&crd.name_any(), &PatchParams::apply("sluice-e2e").force(), &Patch::Apply(&crd))
+        .await
+        .expect("apply CRD");
+    eventually("the CRD is established", Duration::from_secs(30), || async {
+        let c = api.get(&crd.name_any()).await.ok()?;
+        c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+    })
+    .await;
+}
+
+pub async fn restricted_namespace(client: &Client, name: &str) {
+    let ns: Namespace = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": {
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest"}}
+    }))
+    .expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .patch(name, &PatchParams::apply("sluice-e2e").force(), &Patch::Apply(&ns))
+        .await
+        .expect("create namespace");
+}
+
+/// Poll `check` until it yields, or fail naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub fn condition(sp: &StreamProcessor, type_: &str) -> Option<(String, String, String)> {
+    sp.status.as_ref()?.condition(type_).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
