@@ -818,3 +818,114 @@ fn redis_ping(addr: SocketAddr) -> Result<(), String> {
 fn note(line: &str) {
     eprintln!("sluice-tests: {line}");
 }
+
+// --------------------------------------------------- kafka data helpers --
+
+/// One record read back from a topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl KafkaRecord {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+}
+
+impl Kafka {
+    /// Produces `(key, payload)` records (partitioned by key) and returns once
+    /// the broker acknowledged every one.
+    pub fn produce<K, P>(&self, topic: &str, records: impl IntoIterator<Item = (Option<K>, P)>) -> Result<usize>
+    where
+        K: AsRef<[u8]>,
+        P: AsRef<[u8]>,
+    {
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let err = |step: &str, detail: String| BrokerError::Kafka { step: format!("{step} `{topic}`"), detail };
+        let producer: ThreadedProducer<DefaultProducerContext> = kafka_client(&self.bootstrap())
+            .set("linger.ms", "5")
+            .set("enable.idempotence", "true")
+            .create()
+            .map_err(|e| err("producer for", e.to_string()))?;
+        let mut n = 0;
+        for (key, payload) in records {
+            let mut record = BaseRecord::<[u8], [u8]>::to(topic).payload(payload.as_ref());
+            if let Some(k) = &key {
+                record = record.key(k.as_ref());
+            }
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                        r,
+                    )) => {
+                        record = r;
+                        producer.flush(Duration::from_secs(30)).map_err(|e| err("flush to", e.to_string()))?;
+                    }
+                    Err((e, _)) => return Err(err("produce to", e.to_string())),
+                }
+            }
+            n += 1;
+        }
+        producer.flush(Duration::from_secs(60)).map_err(|e| err("flush to", e.to_string()))?;
+        Ok(n)
+    }
+
+    /// Reads `topic` from the beginning of every partition (without a group)
+    /// until `done(records so far)` says so or `timeout` passes; `isolation`
+    /// is `read_committed` or `read_uncommitted`. Returns what was read.
+    pub fn read_topic(
+        &self,
+        topic: &str,
+        isolation: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[KafkaRecord]) -> bool,
+    ) -> Result<Vec<KafkaRecord>> {
+        use rdkafka::message::{Headers, Message};
+        use rdkafka::{Offset, TopicPartitionList};
+        let err = |step: &str, detail: String| BrokerError::Kafka { step: format!("{step} `{topic}`"), detail };
+        let consumer: BaseConsumer = kafka_client(&self.bootstrap())
+            .set("group.id", "sluice-tests-reader")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", isolation)
+            .create()
+            .map_err(|e| err("reader for", e.to_string()))?;
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(|e| err("metadata of", e.to_string()))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning).map_err(|e| err("assign", e.to_string()))?;
+            }
+        }
+        consumer.assign(&tpl).map_err(|e| err("assign", e.to_string()))?;
+        let deadline = Instant::now() + timeout;
+        let mut records = Vec::new();
+        while !done(&records) && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                records.push(KafkaRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                    headers: m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+            }
+        }
+        Ok(records)
+    }
+}

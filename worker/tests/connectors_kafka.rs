@@ -1,0 +1,286 @@
+//! The Kafka source and sink against a real Apache Kafka (sluice-tests'
+//! harness), driven through the real `sluice-worker` binary: end to end with
+//! per-key order, kill -9 and restart, poison messages in a dead-letter
+//! topic, and a broker restart mid-stream.
+//!
+//! Every wait polls the output topic with a deadline; assertions are about
+//! which messages arrived (by id), never about how long it took.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use sluice_tests::brokers::{Kafka, KafkaRecord};
+
+const KEYS: u64 = 64;
+/// Deadline for a whole stream to arrive; generous for two shared cores.
+const STREAM_DEADLINE: Duration = Duration::from_secs(300);
+
+/// A `sluice-worker run` child process; killed (SIGKILL) when dropped, so a
+/// failing test leaves nothing running.
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(spec: &Path, log: PathBuf) -> Worker {
+        let out = File::options().create(true).append(true).open(&log).expect("worker log file");
+        let err = out.try_clone().expect("worker log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
+            .arg("run")
+            .arg(spec)
+            .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
+            .env("LOG_LEVEL", "info,rdkafka=warn")
+            .env("POD_NAME", "connectors-test")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn sluice-worker");
+        Worker { child, log }
+    }
+
+    /// SIGKILL, as a node failure would.
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(6000);
+        text.get(start..).unwrap_or_default().to_string()
+    }
+
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("sluice-worker exited with {status}; its log:\n{}", self.log_tail());
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn write_spec(dir: &Path, spec: &Value) -> PathBuf {
+    let path = dir.join("spec.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(spec).expect("spec json")).expect("write spec");
+    path
+}
+
+fn spec(kafka: &Kafka, input: &str, output: &str, dlq: &str, group: &str) -> Value {
+    json!({
+        "source": {"kafka": {"brokers": [kafka.bootstrap()], "topic": input, "group": group, "startFrom": "earliest"}},
+        "pipeline": [
+            {"filter": "msg.type != 'ignore'"},
+            {"map": {"set": {"double": "msg.amount * 2"}}}
+        ],
+        "sink": {"kafka": {"topic": output, "key": "msg.key", "compression": "lz4"}},
+        "deadLetter": {"kafka": {"topic": dlq}},
+        "workers": 2,
+        "batchSize": 500
+    })
+}
+
+/// `n` JSON records: id, key `k<id % KEYS>`, seq within the key.
+fn inputs(n: u64) -> Vec<(Option<String>, Vec<u8>)> {
+    (0..n)
+        .map(|id| {
+            let key = format!("k{}", id % KEYS);
+            let payload = json!({"id": id, "key": key, "seq": id / KEYS, "type": "order", "amount": id % 1000});
+            (Some(key), serde_json::to_vec(&payload).expect("json"))
+        })
+        .collect()
+}
+
+fn ids(records: &[KafkaRecord]) -> HashSet<u64> {
+    records
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<Value>(&r.payload).ok())
+        .filter_map(|v| v["id"].as_u64())
+        .collect()
+}
+
+/// Waits until `topic` holds at least `want` distinct ids (or the deadline),
+/// checking that the worker still runs; returns what it read.
+fn wait_for_ids(kafka: &Kafka, topic: &str, want: usize, worker: &mut Worker) -> Vec<KafkaRecord> {
+    let deadline = std::time::Instant::now() + STREAM_DEADLINE;
+    loop {
+        worker.assert_running();
+        let mut seen = HashSet::new();
+        let mut parsed = 0;
+        let records = kafka
+            .read_topic(topic, "read_uncommitted", Duration::from_secs(10), |r| {
+                seen.extend(ids(&r[parsed..]));
+                parsed = r.len();
+                seen.len() >= want
+            })
+            .expect("read output");
+        let got = seen.len();
+        eprintln!("{topic}: {got} of {want} ids so far");
+        if got >= want {
+            return records;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "{topic}: only {got} of {want} ids within {STREAM_DEADLINE:?}; the worker's log:\n{}",
+                worker.log_tail()
+            );
+        }
+    }
+}
+
+/// Every id of `0..n` present; per key, the first occurrences of `seq` come
+/// in increasing order. Returns the number of duplicates.
+fn check_output(records: &[KafkaRecord], n: u64) -> usize {
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut duplicates = 0;
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut by_partition: BTreeMap<i32, Vec<&KafkaRecord>> = BTreeMap::new();
+    for r in records {
+        by_partition.entry(r.partition).or_default().push(r);
+    }
+    for rs in by_partition.values_mut() {
+        rs.sort_by_key(|r| r.offset);
+        for r in rs.iter() {
+            let v: Value = serde_json::from_slice(&r.payload).expect("output is JSON");
+            let id = v["id"].as_u64().expect("id");
+            let key = v["key"].as_str().expect("key").to_string();
+            assert_eq!(r.key.as_deref(), Some(key.as_bytes()), "the sink key comes from msg.key");
+            assert_eq!(v["double"].as_u64(), Some(v["amount"].as_u64().expect("amount") * 2), "map ran");
+            if !seen.insert(id) {
+                duplicates += 1;
+                continue;
+            }
+            let seq = v["seq"].as_u64().expect("seq");
+            if let Some(prev) = last_seq.insert(key.clone(), seq) {
+                assert!(seq > prev, "key {key}: seq {seq} after {prev} (order broken)");
+            }
+        }
+    }
+    let missing: Vec<u64> = (0..n).filter(|id| !seen.contains(id)).take(20).collect();
+    assert!(missing.is_empty(), "{} of {n} ids missing, e.g. {missing:?}", n as usize - seen.len());
+    duplicates
+}
+
+#[test]
+fn hundred_thousand_messages_end_to_end_in_key_order() {
+    let kafka = Kafka::start();
+    kafka.create_topic("in", 4).expect("topic");
+    kafka.create_topic("out", 4).expect("topic");
+    kafka.create_topic("dlq", 1).expect("topic");
+    const N: u64 = 100_000;
+    assert_eq!(kafka.produce("in", inputs(N)).expect("produce") as u64, N);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&kafka, "in", "out", "dlq", "e2e"));
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"));
+    let records = wait_for_ids(&kafka, "out", N as usize, &mut worker);
+    let duplicates = check_output(&records, N);
+    eprintln!("end to end: {N} in, {} out, {duplicates} duplicates", records.len());
+    assert_eq!(duplicates, 0, "a clean run delivers each message once");
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_delivers_everything() {
+    let kafka = Kafka::start();
+    kafka.create_topic("in", 4).expect("topic");
+    kafka.create_topic("out", 4).expect("topic");
+    kafka.create_topic("dlq", 1).expect("topic");
+    const N: u64 = 100_000;
+    kafka.produce("in", inputs(N)).expect("produce");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&kafka, "in", "out", "dlq", "crash"));
+    let mut first = Worker::start(&spec, dir.path().join("worker-1.log"));
+    let before = wait_for_ids(&kafka, "out", 20_000, &mut first);
+    assert!(ids(&before).len() >= 20_000, "the first worker got going:\n{}", first.log_tail());
+    first.kill9();
+    let at_kill = ids(&kafka.read_topic("out", "read_uncommitted", Duration::ZERO, |_| true).expect("read"));
+    let mut second = Worker::start(&spec, dir.path().join("worker-2.log"));
+    let records = wait_for_ids(&kafka, "out", N as usize, &mut second);
+    let duplicates = check_output(&records, N);
+    eprintln!(
+        "kill -9: {} ids out before the kill, {} records out in all, {duplicates} duplicates (redelivered after the last commit)",
+        at_kill.len(),
+        records.len()
+    );
+}
+
+#[test]
+fn poison_messages_go_to_the_dead_letter_topic_with_headers() {
+    let kafka = Kafka::start();
+    kafka.create_topic("in", 2).expect("topic");
+    kafka.create_topic("out", 2).expect("topic");
+    kafka.create_topic("dlq", 1).expect("topic");
+    let mut records = inputs(1000);
+    for i in 0..10 {
+        records.push((Some(format!("bad{i}")), format!("{{not json {i}").into_bytes()));
+        let expr_error = json!({"id": 1_000_000 + i, "key": "k0", "type": "order", "amount": "not a number"});
+        records.push((Some("k0".into()), serde_json::to_vec(&expr_error).expect("json")));
+        let ignored = json!({"id": 2_000_000 + i, "key": "k1", "type": "ignore", "amount": 1});
+        records.push((Some("k1".into()), serde_json::to_vec(&ignored).expect("json")));
+    }
+    kafka.produce("in", records).expect("produce");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&kafka, "in", "out", "dlq", "poison"));
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"));
+    let out = wait_for_ids(&kafka, "out", 1000, &mut worker);
+    let dead =
+        kafka.read_topic("dlq", "read_uncommitted", STREAM_DEADLINE, |r| r.len() >= 20).expect("read dead letters");
+    worker.assert_running();
+    check_output(&out, 1000);
+    let out_ids = ids(&out);
+    assert!(out_ids.iter().all(|id| *id < 1000), "no poison or ignored message in the output");
+
+    // Where each input is, to check the partition and offset headers.
+    let input = kafka.read_topic("in", "read_uncommitted", STREAM_DEADLINE, |r| r.len() >= 1030).expect("read input");
+    let position: HashMap<&[u8], (i32, i64)> =
+        input.iter().map(|r| (r.payload.as_slice(), (r.partition, r.offset))).collect();
+    assert_eq!(dead.len(), 20, "10 bad payloads and 10 expression errors: {dead:#?}");
+    let mut reasons = BTreeMap::new();
+    for d in &dead {
+        for h in ["sluice-error", "sluice-step", "sluice-partition", "sluice-offset", "sluice-attempt", "sluice-source"]
+        {
+            assert!(d.header(h).is_some_and(|v| !v.is_empty()), "dead letter without {h}: {d:?}");
+        }
+        assert_eq!(d.header("sluice-source"), Some("kafka/in"));
+        let (p, o) = position[d.payload.as_slice()];
+        assert_eq!(d.header("sluice-partition"), Some(p.to_string().as_str()));
+        assert_eq!(d.header("sluice-offset"), Some(o.to_string().as_str()));
+        *reasons.entry(d.header("sluice-reason").unwrap_or_default().to_string()).or_insert(0) += 1;
+        eprintln!("dead letter: step={:?} error={:?}", d.header("sluice-step"), d.header("sluice-error"));
+    }
+    assert_eq!(reasons.values().sum::<i32>(), 20);
+    assert_eq!(reasons.get("bad_payload"), Some(&10), "{reasons:?}");
+}
+
+#[test]
+fn broker_restart_mid_stream_recovers_by_itself() {
+    let mut kafka = Kafka::start();
+    kafka.create_topic("in", 4).expect("topic");
+    kafka.create_topic("out", 4).expect("topic");
+    kafka.create_topic("dlq", 1).expect("topic");
+    const N: u64 = 50_000;
+    kafka.produce("in", inputs(N)).expect("produce");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&kafka, "in", "out", "dlq", "restart"));
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"));
+    let before = wait_for_ids(&kafka, "out", 10_000, &mut worker);
+    kafka.restart().expect("broker restart");
+    eprintln!("broker restarted after {} ids were out", ids(&before).len());
+    let records = wait_for_ids(&kafka, "out", N as usize, &mut worker);
+    let duplicates = check_output(&records, N);
+    eprintln!("broker restart: {} records out, {duplicates} duplicates", records.len());
+}
