@@ -197,23 +197,33 @@ fn kill_9_mid_stream_then_restart_delivers_everything() {
     kafka.create_topic("out", 4).expect("topic");
     kafka.create_topic("dlq", 1).expect("topic");
     const N: u64 = 100_000;
-    kafka.produce("in", inputs(N)).expect("produce");
-
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&kafka, "in", "out", "dlq", "crash"));
-    let mut first = Worker::start(&spec, dir.path().join("worker-1.log"));
-    let before = wait_for_ids(&kafka, "out", 20_000, &mut first);
-    assert!(ids(&before).len() >= 20_000, "the first worker got going:\n{}", first.log_tail());
-    first.kill9();
-    let at_kill = ids(&kafka.read_topic("out", "read_uncommitted", Duration::ZERO, |_| true).expect("read"));
-    let mut second = Worker::start(&spec, dir.path().join("worker-2.log"));
-    let records = wait_for_ids(&kafka, "out", N as usize, &mut second);
-    let duplicates = check_output(&records, N);
-    eprintln!(
-        "kill -9: {} ids out before the kill, {} records out in all, {duplicates} duplicates (redelivered after the last commit)",
-        at_kill.len(),
-        records.len()
-    );
+    let all = inputs(N);
+    std::thread::scope(|scope| {
+        // Input keeps arriving while the worker is killed and restarted.
+        let producer = scope.spawn(|| {
+            for chunk in all.chunks(5_000) {
+                kafka.produce("in", chunk.iter().cloned()).expect("produce");
+            }
+        });
+        let mut first = Worker::start(&spec, dir.path().join("worker-1.log"));
+        let before = wait_for_ids(&kafka, "out", 20_000, &mut first);
+        first.kill9();
+        let at_kill =
+            ids(&kafka.read_topic("out", "read_uncommitted", Duration::from_secs(3), |_| false).expect("read"));
+        let mut second = Worker::start(&spec, dir.path().join("worker-2.log"));
+        let records = wait_for_ids(&kafka, "out", N as usize, &mut second);
+        producer.join().expect("producer thread");
+        let duplicates = check_output(&records, N);
+        eprintln!(
+            "kill -9: killed once {} ids were seen out; {} out at the kill; {} records out in all, {duplicates} duplicates (redelivered after the last commit)",
+            ids(&before).len(),
+            at_kill.len(),
+            records.len()
+        );
+        assert!((at_kill.len() as u64) < N, "the kill came before the end of the stream");
+    });
 }
 
 #[test]
