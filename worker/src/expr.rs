@@ -157,13 +157,23 @@ impl Expression {
         self.fast.is_some()
     }
 
+    /// The top-level payload fields this expression reads; `None` when it
+    /// reads the payload as a whole (`size(msg)`, `msg[k]`).
+    pub fn payload_fields(&self) -> Option<&[String]> {
+        match &self.fields {
+            Fields::None => Some(&[]),
+            Fields::Some(f) => Some(f),
+            Fields::Whole => None,
+        }
+    }
+
     /// Whether evaluating this reads the payload (so it must parse).
     pub fn reads_payload(&self) -> bool {
         self.fields != Fields::None
     }
 
     /// Evaluate against one message.
-    pub fn eval<'m>(&self, msg: &'m Message) -> Result<Cow<'m, Value>, EvalError> {
+    pub fn eval<'m>(&'m self, msg: &'m Message) -> Result<Cow<'m, Value>, EvalError> {
         let json = if self.reads_payload() { Some(msg.payload.json().map_err(|e| e.clone())?) } else { None };
         if let Some(f) = &self.fast
             && let Ok(v) = eval_fast(f, json, msg)
@@ -379,9 +389,9 @@ fn msg_path(e: &IdedExpr) -> Option<Vec<String>> {
 
 // ------------------------------------------------------------ fast eval --
 
-fn eval_fast<'m>(f: &Fast, json: Option<&'m Value>, msg: &'m Message) -> Result<Cow<'m, Value>, Defer> {
+fn eval_fast<'m>(f: &'m Fast, json: Option<&'m Value>, msg: &'m Message) -> Result<Cow<'m, Value>, Defer> {
     Ok(match f {
-        Fast::Const(v) => Cow::Owned(v.clone()),
+        Fast::Const(v) => Cow::Borrowed(v),
         Fast::Path(path) => Cow::Borrowed(lookup(json.ok_or(Defer)?, path).ok_or(Defer)?),
         Fast::Has(path) => {
             let (last, parent) = path.split_last().ok_or(Defer)?;

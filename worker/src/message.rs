@@ -75,6 +75,28 @@ impl Payload {
             .as_ref()
     }
 
+    /// Parse only the named top-level fields (skipping the rest without
+    /// allocating), when the pipeline knows nothing else is ever read: no
+    /// step edits the payload and no expression reads it whole. Sinks still
+    /// get the original bytes. A payload that is not an object is parsed in
+    /// full, so errors read the same as without projection.
+    pub fn project(&self, fields: &[String]) {
+        if self.json.get().is_some() {
+            return;
+        }
+        let bytes = self.bytes.as_deref().unwrap_or_default();
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let parsed = serde::Deserializer::deserialize_any(&mut de, Projection(fields)).and_then(|v| de.end().map(|()| v));
+        match parsed {
+            Ok(Some(v)) => {
+                let _ = self.json.set(Ok(v));
+            }
+            Ok(None) | Err(_) => {
+                let _ = self.json();
+            }
+        }
+    }
+
     /// The JSON payload for editing; the bytes are re-rendered when next read.
     pub fn json_mut(&mut self) -> Result<&mut Value, PayloadError> {
         if let Err(e) = self.json() {
@@ -100,6 +122,53 @@ impl Payload {
     /// Whether the JSON has been parsed (tests check laziness with it).
     pub fn is_parsed(&self) -> bool {
         self.json.get().is_some()
+    }
+}
+
+/// Deserializes an object keeping only some fields; `None` for non-objects.
+struct Projection<'f>(&'f [String]);
+
+impl<'de> serde::de::Visitor<'de> for Projection<'_> {
+    type Value = Option<Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut obj = serde_json::Map::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if self.0.iter().any(|f| f.as_str() == key.as_ref()) {
+                obj.insert(key.into_owned(), map.next_value::<Value>()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(Some(Value::Object(obj)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 }
 
@@ -170,6 +239,20 @@ mod tests {
         let mut m = Message::new(0, 1, br#"{"a":1}"#.to_vec());
         m.payload.json_mut().unwrap()["b"] = 2.into();
         assert_eq!(&*m.payload.to_bytes(), br#"{"a":1,"b":2}"#);
+    }
+
+    #[test]
+    fn projection_keeps_only_the_named_fields_and_the_bytes() {
+        let m = Message::new(0, 1, br#"{"a":1,"b":{"deep":[1,2]},"c":"x","a2":null}"#.to_vec());
+        m.payload.project(&["a".into(), "c".into()]);
+        assert_eq!(m.payload.json().unwrap(), &serde_json::json!({"a": 1, "c": "x"}));
+        assert_eq!(&*m.payload.to_bytes(), br#"{"a":1,"b":{"deep":[1,2]},"c":"x","a2":null}"#);
+        for bad in [&b"{\"a\":1"[..], b"[1,2]", b"7", b"{\"a\":1} trailing"] {
+            let m = Message::new(0, 1, bad.to_vec());
+            m.payload.project(&["a".into()]);
+            let full = Message::new(0, 1, bad.to_vec());
+            assert_eq!(m.payload.json().ok(), full.payload.json().ok(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -33,6 +33,10 @@ impl DedupeStep {
         })
     }
 
+    pub fn expressions(&self) -> Vec<&Expression> {
+        vec![&self.key]
+    }
+
     /// True when the message is new (and remembers it), false for a duplicate.
     pub fn first_sighting(&mut self, msg: &Message, now: i64) -> Result<bool, EvalError> {
         let id = match self.key.eval(msg)?.as_ref() {

@@ -17,6 +17,10 @@ impl FilterStep {
         Ok(Self { expr: Expression::compile(src, env)? })
     }
 
+    pub fn expressions(&self) -> Vec<&Expression> {
+        vec![&self.expr]
+    }
+
     /// Whether the message passes; a non-boolean result is an error.
     pub fn keep(&self, msg: &Message) -> Result<bool, EvalError> {
         self.expr.eval_bool(msg)

@@ -88,6 +88,26 @@ struct Step {
     kind: StepKind,
 }
 
+fn projection(steps: &[Step]) -> Option<Arc<[String]>> {
+    let mut fields: Vec<String> = Vec::new();
+    for s in steps {
+        let exprs = match &s.kind {
+            StepKind::Map(_) => return None,
+            StepKind::Filter(f) => f.expressions(),
+            StepKind::Dedupe(d) => d.expressions(),
+            StepKind::Window(w) => w.expressions(),
+        };
+        for e in exprs {
+            for f in e.payload_fields()? {
+                if !fields.contains(f) {
+                    fields.push(f.clone());
+                }
+            }
+        }
+    }
+    (!fields.is_empty()).then(|| fields.into())
+}
+
 /// A user expression at a step does not compile.
 #[derive(Debug, thiserror::Error)]
 #[error("{step}: {source}")]
@@ -101,6 +121,10 @@ pub struct PipelineError {
 #[derive(Clone, Debug)]
 pub struct Pipeline {
     steps: Vec<Step>,
+    /// Top-level payload fields any step reads, when that is all that is
+    /// ever read (no map, no whole-payload expression): the payload is then
+    /// parsed for these fields only.
+    projection: Option<Arc<[String]>>,
 }
 
 impl Pipeline {
@@ -125,7 +149,13 @@ impl Pipeline {
             };
             steps.push(Step { name, kind });
         }
-        Ok(Self { steps })
+        let projection = projection(&steps);
+        Ok(Self { steps, projection })
+    }
+
+    /// Payload fields parsed per message, if the pipeline allows projection.
+    pub fn projection(&self) -> Option<&[String]> {
+        self.projection.as_deref()
     }
 
     /// Whether any step keeps per-partition state: then a partition's
@@ -136,6 +166,9 @@ impl Pipeline {
 
     /// Run one source message through every step.
     pub fn process(&mut self, msg: Message, now: i64, out: &mut Vec<Output>, tally: &mut Tally) {
+        if let Some(fields) = &self.projection {
+            msg.payload.project(fields);
+        }
         let ack = msg.ack_id();
         self.run(msg, 0, Some(ack), now, out, tally);
     }
@@ -155,9 +188,7 @@ impl Pipeline {
             }
         };
         for i in from..self.steps.len() {
-            let step = &mut self.steps[i];
-            let name = step.name.clone();
-            let next = match &mut step.kind {
+            let next = match &mut self.steps[i].kind {
                 StepKind::Filter(f) => match f.keep(&msg) {
                     Ok(true) => Next::Continue,
                     Ok(false) => {
@@ -206,6 +237,7 @@ impl Pipeline {
                     return;
                 }
                 Next::Fail(reason, error) => {
+                    let name = self.steps[i].name.clone();
                     tracing::debug!(step = %name, partition = msg.partition, offset = msg.offset, reason, %error,
                         "message failed a step; dead-lettering it and going on");
                     tally.dead_letter(reason);

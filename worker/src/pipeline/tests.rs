@@ -119,3 +119,17 @@ fn a_pass_through_pipeline_never_parses_the_payload() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn projection_only_when_nothing_else_reads_the_payload() {
+    let p = Pipeline::compile(&spec(json!([
+        {"filter": "msg.type != 'x'"},
+        {"window": {"type": "count", "count": 2, "keyBy": "msg.k", "aggregate": {"sum": "msg.v"}}}
+    ])))
+    .unwrap();
+    assert_eq!(p.projection(), Some(&["type".to_string(), "k".to_string(), "v".to_string()][..]));
+    let with_map = Pipeline::compile(&spec(json!([{"filter": "msg.a > 1"}, {"map": {"drop": ["b"]}}]))).unwrap();
+    assert_eq!(with_map.projection(), None);
+    let whole = Pipeline::compile(&spec(json!([{"filter": "size(msg) > 1"}]))).unwrap();
+    assert_eq!(whole.projection(), None);
+}

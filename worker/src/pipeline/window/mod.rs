@@ -328,6 +328,10 @@ impl WindowStep {
         })
     }
 
+    pub fn expressions(&self) -> Vec<&Expression> {
+        self.key_by.iter().chain(self.time.iter()).chain(self.inputs.iter().map(|(_, e)| e)).collect()
+    }
+
     pub fn wanted(&self) -> &Wanted {
         &self.wanted
     }
