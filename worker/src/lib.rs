@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pool;
 pub mod probe;
+pub mod retry;
 pub mod runtime;
 pub mod sink;
 pub mod source;

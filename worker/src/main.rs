@@ -18,8 +18,11 @@ use sluice_worker::{
     pipeline::Pipeline,
     pool::{PoolConfig, Snapshots},
     runtime::Runtime,
-    sink::{Sink, file::FileSink, kafka::KafkaSink, null::LogSink, stdout::StdoutSink},
-    source::{Source, SourceError, file::FileSource, generator::Generator, kafka::KafkaSource},
+    sink::{Sink, file::FileSink, kafka::KafkaSink, null::LogSink, redis::RedisSink, stdout::StdoutSink},
+    source::{
+        Source, SourceError, file::FileSource, generator::Generator, kafka::KafkaSource, kafka::pod_name,
+        redis::RedisSource,
+    },
     state::{StateKeys, StateStore, redis::RedisStore},
 };
 use tokio_util::sync::CancellationToken;
@@ -115,6 +118,12 @@ fn source(
         let group = k.group.clone().unwrap_or_else(|| processor.replace('/', "."));
         return Ok(Box::new(KafkaSource::new(k, &group, &|v| std::env::var(v).ok())?));
     }
+    if let Some(r) = &spec.source.redis {
+        // The consumer is the pod: POD_NAME (downward API), else the host name.
+        let group = r.group.clone().unwrap_or_else(|| processor.replace('/', "."));
+        let consumer = pod_name().unwrap_or_else(|_| "sluice-worker".into());
+        return Ok(Box::new(RedisSource::new(r, &group, &consumer, &|v| std::env::var(v).ok())?));
+    }
     Err(Box::new(SourceError::Unsupported {
         kind: spec.source.kind(),
         hint: "broker connectors arrive with the connector issue; run locally with --input <file.jsonl|->",
@@ -148,6 +157,10 @@ async fn run(
             let k = spec.sink.kafka.as_ref().ok_or("sink.kafka")?;
             Box::new(KafkaSink::new(k, source_brokers, "SINK", "spec.sink.kafka", &env)?)
         }
+        (None, None) if spec.sink.redis.is_some() => {
+            let r = spec.sink.redis.as_ref().ok_or("sink.redis")?;
+            Box::new(RedisSink::new(r, "SINK", "spec.sink.redis", &env)?)
+        }
         (None, None) => {
             return Err(format!(
                 "sink {} is not available in this build yet; run locally with --output <file|->",
@@ -167,7 +180,13 @@ async fn run(
                 KafkaSink::new(k, source_brokers, "DEADLETTER", "spec.deadLetter.kafka", &env)?
                     .with_header(sluice_worker::deadletter::HEADER_SOURCE, source_name(spec)),
             ),
-            None => Box::new(LogSink),
+            None => match spec.dead_letter.as_ref().and_then(|d| d.redis.as_ref()) {
+                Some(r) => Box::new(
+                    RedisSink::new(r, "DEADLETTER", "spec.deadLetter.redis", &env)?
+                        .with_field(sluice_worker::deadletter::HEADER_SOURCE, source_name(spec)),
+                ),
+                None => Box::new(LogSink),
+            },
         },
     };
     let snapshots = match spec.state.as_ref() {

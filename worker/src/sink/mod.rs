@@ -9,6 +9,7 @@
 pub mod file;
 pub mod kafka;
 pub mod null;
+pub mod redis;
 pub mod stdout;
 
 use futures::future::BoxFuture;

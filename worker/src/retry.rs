@@ -1,0 +1,279 @@
+//! Retries for transient broker errors: exponential backoff with full jitter
+//! (AWS's "full jitter": sleep a uniform random time in `[0, min(max,
+//! initial * 2^attempt)]`), behind a circuit breaker that stops hammering a
+//! broker that keeps failing.
+//!
+//! ```text
+//!   Closed ──failures >= threshold──> Open ──cool-down passed──> HalfOpen
+//!     ^                                 ^                          │ one trial call
+//!     └──────────── success ────────────┼──────────────────────────┤
+//!                                       └──────── failure ─────────┘
+//! ```
+//!
+//! Both are plain state machines over `tokio::time::Instant`, so tests run
+//! them on a paused clock.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Exponential backoff with full jitter.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+    rng: u64,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64);
+        Self::with_seed(initial, max, seed)
+    }
+
+    /// A deterministic sequence (tests).
+    pub fn with_seed(initial: Duration, max: Duration, seed: u64) -> Self {
+        Self { initial: initial.max(Duration::from_millis(1)), max: max.max(initial), attempt: 0, rng: seed | 1 }
+    }
+
+    /// From the spec's `deadLetter.backoff`.
+    pub fn from_spec(b: &sluice_crds::Backoff) -> Self {
+        Self::new(b.initial.as_std(), b.max.as_std())
+    }
+
+    /// The upper bound of the next delay: `min(max, initial * 2^attempt)`.
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// The next delay, uniform in `[0, ceiling]`; then the ceiling doubles.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        // xorshift64*: plenty for spreading retries.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let nanos = ceiling.as_nanos().min(u64::MAX as u128) as u64;
+        Duration::from_nanos(if nanos == 0 { 0 } else { r % (nanos + 1) })
+    }
+
+    /// Sleeps the next delay.
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next_delay()).await;
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// After a success: start again from `initial`.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    /// Calls are refused until the instant passes.
+    Open {
+        until: Instant,
+    },
+    /// One trial call is allowed; its outcome closes or reopens the breaker.
+    HalfOpen,
+}
+
+/// Opens after `threshold` consecutive failures; stays open for `cool_down`.
+#[derive(Clone, Debug)]
+pub struct CircuitBreaker {
+    threshold: u32,
+    cool_down: Duration,
+    failures: u32,
+    state: BreakerState,
+}
+
+impl CircuitBreaker {
+    pub fn new(threshold: u32, cool_down: Duration) -> Self {
+        Self { threshold: threshold.max(1), cool_down, failures: 0, state: BreakerState::Closed }
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// Whether a call may go out now; an open breaker whose cool-down has
+    /// passed lets one trial through (half-open).
+    pub fn allow(&mut self) -> bool {
+        match self.state {
+            BreakerState::Closed | BreakerState::HalfOpen => true,
+            BreakerState::Open { until } if Instant::now() >= until => {
+                self.state = BreakerState::HalfOpen;
+                true
+            }
+            BreakerState::Open { .. } => false,
+        }
+    }
+
+    /// How long until a call may go out.
+    pub fn wait_time(&self) -> Duration {
+        match self.state {
+            BreakerState::Open { until } => until.saturating_duration_since(Instant::now()),
+            _ => Duration::ZERO,
+        }
+    }
+
+    pub fn record_success(&mut self) {
+        if self.state != BreakerState::Closed {
+            tracing::info!("circuit breaker closed: the broker answers again");
+        }
+        self.failures = 0;
+        self.state = BreakerState::Closed;
+    }
+
+    pub fn record_failure(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+        let reopen = self.state == BreakerState::HalfOpen;
+        if reopen || (self.state == BreakerState::Closed && self.failures >= self.threshold) {
+            tracing::warn!(failures = self.failures, cool_down = ?self.cool_down,
+                "circuit breaker open: no calls until the cool-down passes");
+            self.state = BreakerState::Open { until: Instant::now() + self.cool_down };
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == BreakerState::Closed
+    }
+}
+
+/// Runs `call` until it succeeds or `attempts` calls failed, sleeping a
+/// jittered backoff between them and waiting out an open breaker (which
+/// does not count as an attempt). Returns the last error.
+pub async fn retry<T, E, F, Fut>(
+    attempts: u32,
+    backoff: &mut Backoff,
+    breaker: &mut CircuitBreaker,
+    mut call: F,
+) -> Result<T, E>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut attempt = 0;
+    loop {
+        while !breaker.allow() {
+            tokio::time::sleep(breaker.wait_time().max(Duration::from_millis(1))).await;
+        }
+        attempt += 1;
+        match call(attempt).await {
+            Ok(v) => {
+                breaker.record_success();
+                backoff.reset();
+                return Ok(v);
+            }
+            Err(e) => {
+                breaker.record_failure();
+                if attempt >= attempts.max(1) {
+                    return Err(e);
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(attempt, error = %e, ?delay, "transient error; retrying after a backoff");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+
+    use super::*;
+
+    #[test]
+    fn delays_stay_under_a_doubling_ceiling_capped_at_max() {
+        let mut b = Backoff::with_seed(Duration::from_millis(100), Duration::from_secs(2), 42);
+        let mut ceilings = Vec::new();
+        for _ in 0..8 {
+            let c = b.ceiling();
+            let d = b.next_delay();
+            assert!(d <= c, "{d:?} > {c:?}");
+            ceilings.push(c.as_millis());
+        }
+        assert_eq!(ceilings, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn jitter_spreads_delays() {
+        let mut b = Backoff::with_seed(Duration::from_secs(10), Duration::from_secs(10), 7);
+        let delays: std::collections::BTreeSet<u128> = (0..50).map(|_| b.next_delay().as_millis()).collect();
+        assert!(delays.len() > 40, "full jitter gives distinct delays: {delays:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn breaker_opens_after_threshold_and_half_opens_after_cool_down() {
+        let mut cb = CircuitBreaker::new(3, Duration::from_secs(5));
+        for _ in 0..2 {
+            assert!(cb.allow());
+            cb.record_failure();
+        }
+        assert!(cb.is_closed());
+        cb.record_failure();
+        assert!(matches!(cb.state(), BreakerState::Open { .. }));
+        assert!(!cb.allow());
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(!cb.allow());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(cb.allow());
+        assert_eq!(cb.state(), BreakerState::HalfOpen);
+        cb.record_failure();
+        assert!(matches!(cb.state(), BreakerState::Open { .. }), "a failed trial reopens");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(cb.allow());
+        cb.record_success();
+        assert!(cb.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_backs_off_waits_out_the_breaker_and_succeeds() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let mut backoff = Backoff::with_seed(Duration::from_millis(100), Duration::from_secs(1), 3);
+        let mut breaker = CircuitBreaker::new(2, Duration::from_secs(30));
+        let start = Instant::now();
+        let c = calls.clone();
+        let r: Result<u32, String> = retry(10, &mut backoff, &mut breaker, |attempt| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                if attempt < 4 { Err(format!("down {attempt}")) } else { Ok(attempt) }
+            }
+        })
+        .await;
+        assert_eq!(r, Ok(4));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert!(breaker.is_closed());
+        // Two failures opened the breaker for 30 s (virtual time).
+        assert!(start.elapsed() >= Duration::from_secs(30), "{:?}", start.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_gives_up_after_the_attempts() {
+        let mut backoff = Backoff::with_seed(Duration::from_millis(10), Duration::from_millis(50), 1);
+        let mut breaker = CircuitBreaker::new(100, Duration::from_secs(1));
+        let r: Result<(), String> =
+            retry(3, &mut backoff, &mut breaker, |a| async move { Err(format!("fail {a}")) }).await;
+        assert_eq!(r, Err("fail 3".to_string()));
+        assert_eq!(backoff.attempts(), 2, "two sleeps between three attempts");
+    }
+}

@@ -1,0 +1,427 @@
+//! Redis Streams source: one consumer (the pod's name) in a consumer group.
+//!
+//! ```text
+//! start: XGROUP CREATE (MKSTREAM; `$` for latest, `0` for earliest)
+//!        XREADGROUP ... STREAMS s 0    our own pending entries first (a restarted pod)
+//! loop:  XAUTOCLAIM every claimIdle/2  entries idle past claimIdle (a dead pod's)
+//!        XREADGROUP COUNT max BLOCK 1s STREAMS s >
+//!   each entry ──> Message{partition 0, offset = local sequence, key, payload, headers}
+//! acker: commit(0, next) ──> XACK every entry handed out below `next`
+//! ```
+//!
+//! Offsets are a local sequence rather than the stream ids: claimed entries
+//! are older than entries already read, and the offset tracker needs
+//! offsets that only grow. The acker maps the sequence back to stream ids.
+//!
+//! Entry fields: `payload` is the payload, `key` the key, other fields are
+//! headers; an entry without `payload` becomes a JSON object of its fields.
+//! The stream id travels in the `redis-id` header (dead letters name it).
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use redis::{Client, IntoConnectionInfo, Value, aio::ConnectionManager, aio::ConnectionManagerConfig};
+use sluice_crds::{RedisSource as RedisSourceSpec, StartFrom};
+use tokio::time::Instant;
+
+use super::{Acker, Source, SourceError, SourceEvent};
+use crate::{
+    message::{Message, Payload, now_ms},
+    retry::Backoff,
+};
+
+pub const HEADER_REDIS_ID: &str = "redis-id";
+/// How long one XREADGROUP blocks waiting for entries.
+const BLOCK: Duration = Duration::from_secs(1);
+
+/// Opens a client for `url` with the password from `password_var`, if set.
+pub fn client(
+    url: &str,
+    password_var: &str,
+    field: &'static str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Client, String> {
+    let info = url.into_connection_info().map_err(|e| format!("{field}: not a Redis URL: {e}"))?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(password) = env(password_var) {
+        settings = settings.set_password(password);
+    }
+    Client::open(info.set_redis_settings(settings)).map_err(|e| format!("{field}: the Redis client rejected it: {e}"))
+}
+
+/// A connection that reconnects by itself (lazily: no I/O until the first
+/// call); each call has a deadline.
+pub fn connect(client: Client, response_timeout: Duration) -> Result<ConnectionManager, redis::RedisError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(response_timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2));
+    ConnectionManager::new_lazy_with_config(client, config)
+}
+
+/// One stream entry: its id and its fields.
+type Entry = (String, Vec<(String, Vec<u8>)>);
+
+fn bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+fn string(v: &Value) -> Option<String> {
+    bytes(v).and_then(|b| String::from_utf8(b).ok())
+}
+
+/// `[[id, [field, value, ...]], ...]`; deleted entries (nil) are skipped.
+fn entries(v: &Value) -> Vec<Entry> {
+    let Value::Array(items) = v else { return Vec::new() };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else { return None };
+            let id = string(pair.first()?)?;
+            let fields = match pair.get(1) {
+                Some(Value::Array(kv)) => {
+                    kv.chunks(2).filter_map(|c| Some((string(c.first()?)?, bytes(c.get(1)?)?))).collect()
+                }
+                Some(Value::Map(kv)) => kv.iter().filter_map(|(k, v)| Some((string(k)?, bytes(v)?))).collect(),
+                _ => return None,
+            };
+            Some((id, fields))
+        })
+        .collect()
+}
+
+/// XREADGROUP's reply: `[[stream, entries]]` (RESP2) or `{stream: entries}` (RESP3); nil on timeout.
+fn read_reply(v: &Value) -> Vec<Entry> {
+    match v {
+        Value::Array(streams) => streams
+            .iter()
+            .filter_map(|s| match s {
+                Value::Array(pair) => pair.get(1).map(entries),
+                _ => None,
+            })
+            .flatten()
+            .collect(),
+        Value::Map(streams) => streams.iter().flat_map(|(_, e)| entries(e)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The millisecond part of a stream id.
+fn id_millis(id: &str) -> Option<i64> {
+    id.split('-').next()?.parse().ok()
+}
+
+fn to_message(id: String, fields: Vec<(String, Vec<u8>)>, offset: i64) -> Message {
+    let mut payload = None;
+    let mut key = None;
+    let mut headers = Vec::with_capacity(fields.len());
+    for (k, v) in &fields {
+        match k.as_str() {
+            "payload" => payload = Some(v.clone()),
+            "key" => key = Some(v.clone()),
+            HEADER_REDIS_ID => {}
+            _ => headers.push((k.clone(), v.clone())),
+        }
+    }
+    let payload = match payload {
+        Some(p) => Payload::from_bytes(p),
+        None => {
+            let object: serde_json::Map<String, serde_json::Value> = fields
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(String::from_utf8_lossy(&v).into_owned())))
+                .collect();
+            headers.clear();
+            Payload::from_json(serde_json::Value::Object(object))
+        }
+    };
+    let timestamp = id_millis(&id).unwrap_or_else(now_ms);
+    headers.push((HEADER_REDIS_ID.to_string(), id.into_bytes()));
+    Message { key, payload, headers, partition: 0, offset, timestamp }
+}
+
+/// Handed-out entries, in sequence order, until XACKed.
+type InFlight = Arc<Mutex<VecDeque<(i64, String)>>>;
+
+pub struct RedisSource {
+    conn: ConnectionManager,
+    stream: String,
+    group: String,
+    consumer: String,
+    start_from: StartFrom,
+    claim_idle: Option<Duration>,
+    next_claim: Instant,
+    claim_cursor: String,
+    /// Where the replay of our own pending entries stands; `None` once done.
+    own_pending: Option<String>,
+    group_ready: bool,
+    seq: i64,
+    inflight: InFlight,
+    acker: Arc<RedisAcker>,
+    backoff: Backoff,
+}
+
+impl RedisSource {
+    pub fn new(
+        spec: &RedisSourceSpec,
+        group: &str,
+        consumer: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, SourceError> {
+        let config = |detail| SourceError::Config { field: "spec.source.redis.url", detail };
+        let client =
+            client(&spec.url, "SLUICE_SECRET_SOURCE_REDIS_PASSWORD", "spec.source.redis.url", env).map_err(config)?;
+        let conn = connect_now(client.clone(), BLOCK + Duration::from_secs(5))?;
+        let ack_conn = connect_now(client, Duration::from_secs(5))?;
+        let inflight: InFlight = Arc::default();
+        let acker = Arc::new(RedisAcker {
+            conn: ack_conn,
+            stream: spec.stream.clone(),
+            group: group.to_string(),
+            inflight: inflight.clone(),
+        });
+        tracing::info!(stream = %spec.stream, group, consumer, "Redis Streams consumer configured");
+        Ok(Self {
+            conn,
+            stream: spec.stream.clone(),
+            group: group.to_string(),
+            consumer: consumer.to_string(),
+            start_from: spec.start_from,
+            claim_idle: spec.claim_idle.as_ref().map(|d| d.as_std()),
+            next_claim: Instant::now(),
+            claim_cursor: "0-0".into(),
+            own_pending: Some("0-0".into()),
+            group_ready: false,
+            seq: 0,
+            inflight,
+            acker,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+        })
+    }
+
+    async fn ensure_group(&mut self) -> Result<(), redis::RedisError> {
+        let start = match self.start_from {
+            StartFrom::Earliest => "0",
+            StartFrom::Latest => "$",
+        };
+        let created: Result<Value, _> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(start)
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn)
+            .await;
+        match created {
+            Ok(_) => tracing::info!(stream = %self.stream, group = %self.group, start, "created the consumer group"),
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(e),
+        }
+        self.group_ready = true;
+        Ok(())
+    }
+
+    fn batch(&mut self, entries: Vec<Entry>) -> SourceEvent {
+        let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+        let batch = entries
+            .into_iter()
+            .map(|(id, fields)| {
+                self.seq += 1;
+                inflight.push_back((self.seq, id.clone()));
+                to_message(id, fields, self.seq)
+            })
+            .collect();
+        SourceEvent::Batch(batch)
+    }
+
+    async fn read(&mut self, max: usize) -> Result<Option<SourceEvent>, redis::RedisError> {
+        if !self.group_ready {
+            self.ensure_group().await?;
+        }
+        if let Some(from) = self.own_pending.clone() {
+            let reply: Value = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(max)
+                .arg("STREAMS")
+                .arg(&self.stream)
+                .arg(&from)
+                .query_async(&mut self.conn)
+                .await?;
+            let entries = read_reply(&reply);
+            match entries.last() {
+                None => self.own_pending = None,
+                Some((last, _)) => {
+                    tracing::info!(stream = %self.stream, count = entries.len(), "replaying our own pending entries");
+                    self.own_pending = Some(last.clone());
+                    return Ok(Some(self.batch(entries)));
+                }
+            }
+        }
+        if let Some(idle) = self.claim_idle
+            && Instant::now() >= self.next_claim
+        {
+            let reply: Value = redis::cmd("XAUTOCLAIM")
+                .arg(&self.stream)
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg(idle.as_millis() as u64)
+                .arg(&self.claim_cursor)
+                .arg("COUNT")
+                .arg(max)
+                .query_async(&mut self.conn)
+                .await?;
+            let (cursor, claimed) = match &reply {
+                Value::Array(parts) => (parts.first().and_then(string), parts.get(1).map(entries).unwrap_or_default()),
+                _ => (None, Vec::new()),
+            };
+            let cursor = cursor.unwrap_or_else(|| "0-0".into());
+            if cursor == "0-0" {
+                // A full pass: the next one after half the idle time.
+                self.next_claim = Instant::now() + (idle / 2).max(Duration::from_millis(100));
+            }
+            self.claim_cursor = cursor;
+            // Our own in-flight entries may be idle too: not ours to redo.
+            let claimed: Vec<Entry> = {
+                let inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+                claimed.into_iter().filter(|(id, _)| !inflight.iter().any(|(_, i)| i == id)).collect()
+            };
+            if !claimed.is_empty() {
+                tracing::info!(stream = %self.stream, count = claimed.len(), ?idle, "claimed entries idle past claimIdle");
+                return Ok(Some(self.batch(claimed)));
+            }
+        }
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(max)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(">")
+            .query_async(&mut self.conn)
+            .await?;
+        let entries = read_reply(&reply);
+        Ok((!entries.is_empty()).then(|| self.batch(entries)))
+    }
+
+    async fn next_event(&mut self, max: usize) -> Result<SourceEvent, SourceError> {
+        loop {
+            match self.read(max).await {
+                Ok(Some(event)) => {
+                    self.backoff.reset();
+                    return Ok(event);
+                }
+                Ok(None) => self.backoff.reset(),
+                Err(e) => {
+                    if e.code() == Some("NOGROUP") {
+                        // The stream or group went away (a restart without
+                        // persistence, a deleted stream): create it again.
+                        self.group_ready = false;
+                    }
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(stream = %self.stream, error = %e, ?delay, "Redis read failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+fn connect_now(client: Client, timeout: Duration) -> Result<ConnectionManager, SourceError> {
+    connect(client, timeout).map_err(|e| SourceError::Broker { kind: "redis", detail: e.to_string() })
+}
+
+impl Source for RedisSource {
+    fn next(&mut self, max: usize) -> BoxFuture<'_, Result<SourceEvent, SourceError>> {
+        Box::pin(self.next_event(max.max(1)))
+    }
+
+    fn acker(&self) -> Arc<dyn Acker> {
+        self.acker.clone()
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// XACKs every handed-out entry below the committed sequence.
+pub struct RedisAcker {
+    conn: ConnectionManager,
+    stream: String,
+    group: String,
+    inflight: InFlight,
+}
+
+impl Acker for RedisAcker {
+    fn commit<'a>(&'a self, positions: &'a [(i32, i64)]) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let Some(next) = positions.iter().filter(|(p, _)| *p == 0).map(|(_, o)| *o).max() else {
+                return Ok(());
+            };
+            let ids: Vec<String> = {
+                let inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+                inflight.iter().take_while(|(seq, _)| *seq < next).map(|(_, id)| id.clone()).collect()
+            };
+            if ids.is_empty() {
+                return Ok(());
+            }
+            let mut conn = self.conn.clone();
+            for chunk in ids.chunks(1000) {
+                let _: i64 = redis::cmd("XACK")
+                    .arg(&self.stream)
+                    .arg(&self.group)
+                    .arg(chunk)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| SourceError::Broker { kind: "redis", detail: format!("XACK: {e}") })?;
+            }
+            // Acked: forget them (only now, so a failed XACK is retried next time).
+            let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+            while inflight.front().is_some_and(|(seq, _)| *seq < next) {
+                inflight.pop_front();
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_become_messages() {
+        let m = to_message(
+            "1700000000123-4".into(),
+            vec![
+                ("payload".into(), b"{\"a\":1}".to_vec()),
+                ("key".into(), b"k".to_vec()),
+                ("trace".into(), b"t".to_vec()),
+            ],
+            7,
+        );
+        assert_eq!(m.key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(m.payload.json().ok().map(|v| v["a"].clone()), Some(serde_json::json!(1)));
+        assert_eq!(m.header("trace"), Some(&b"t"[..]));
+        assert_eq!(m.header(HEADER_REDIS_ID), Some(&b"1700000000123-4"[..]));
+        assert_eq!((m.partition, m.offset, m.timestamp), (0, 7, 1_700_000_000_123));
+        let m = to_message("1-0".into(), vec![("type".into(), b"x".to_vec())], 1);
+        assert_eq!(m.payload.json().ok().cloned(), Some(serde_json::json!({"type": "x"})));
+    }
+}

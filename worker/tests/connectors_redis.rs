@@ -1,0 +1,356 @@
+//! The Redis Streams source and sink against a real redis-server, driven
+//! through the real `sluice-worker` binary: end to end with per-key order,
+//! kill -9 with the dead consumer's entries claimed by another pod
+//! (XAUTOCLAIM), poison messages in a dead-letter stream, and a server
+//! restart mid-stream.
+//!
+//! Every wait polls the output stream with a deadline; assertions are about
+//! which messages arrived (by id), never about how long it took.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use redis::Commands;
+use serde_json::{Value, json};
+use sluice_tests::brokers::{Redis, RedisConfig};
+
+const KEYS: u64 = 64;
+const STREAM_DEADLINE: Duration = Duration::from_secs(300);
+
+/// A `sluice-worker run` child process; killed (SIGKILL) when dropped, so a
+/// failing test leaves nothing running.
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(spec: &Path, log: PathBuf, pod: &str) -> Worker {
+        let out = File::options().create(true).append(true).open(&log).expect("worker log file");
+        let err = out.try_clone().expect("worker log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
+            .arg("run")
+            .arg(spec)
+            .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
+            .env("LOG_LEVEL", "info")
+            .env("POD_NAME", pod)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn sluice-worker");
+        Worker { child, log }
+    }
+
+    /// SIGKILL, as a node failure would.
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(6000);
+        text.get(start..).unwrap_or_default().to_string()
+    }
+
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("sluice-worker exited with {status}; its log:\n{}", self.log_tail());
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn write_spec(dir: &Path, spec: &Value) -> PathBuf {
+    let path = dir.join("spec.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(spec).expect("spec json")).expect("write spec");
+    path
+}
+
+fn spec(redis: &Redis, group: &str, claim_idle: Option<&str>) -> Value {
+    let mut source = json!({"url": redis.url(), "stream": "in", "group": group, "startFrom": "earliest"});
+    if let Some(idle) = claim_idle {
+        source["claimIdle"] = json!(idle);
+    }
+    json!({
+        "source": {"redis": source},
+        "pipeline": [
+            {"filter": "msg.type != 'ignore'"},
+            {"map": {"set": {"double": "msg.amount * 2"}}}
+        ],
+        "sink": {"redis": {"url": redis.url(), "stream": "out"}},
+        "deadLetter": {"redis": {"url": redis.url(), "stream": "dlq"}},
+        "workers": 2,
+        "batchSize": 500
+    })
+}
+
+fn conn(redis: &Redis) -> redis::Connection {
+    redis::Client::open(redis.url()).expect("client").get_connection().expect("connect to redis")
+}
+
+fn payload(id: u64) -> Vec<u8> {
+    let key = format!("k{}", id % KEYS);
+    serde_json::to_vec(&json!({"id": id, "key": key, "seq": id / KEYS, "type": "order", "amount": id % 1000}))
+        .expect("json")
+}
+
+/// XADDs ids `range` to `in`, pipelined.
+fn produce(redis: &Redis, range: std::ops::Range<u64>) {
+    let mut c = conn(redis);
+    let ids: Vec<u64> = range.collect();
+    for chunk in ids.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for &id in chunk {
+            pipe.cmd("XADD")
+                .arg("in")
+                .arg("*")
+                .arg("payload")
+                .arg(payload(id))
+                .arg("key")
+                .arg(format!("k{}", id % KEYS))
+                .ignore();
+        }
+        pipe.query::<()>(&mut c).expect("XADD");
+    }
+}
+
+/// One entry read back: id and fields.
+type Entry = (String, HashMap<String, Vec<u8>>);
+
+fn read_stream(redis: &Redis, stream: &str) -> Vec<Entry> {
+    let mut c = conn(redis);
+    let mut out = Vec::new();
+    let mut from = "-".to_string();
+    loop {
+        let reply: redis::streams::StreamRangeReply = c.xrange_count(stream, &from, "+", 10_000).expect("XRANGE");
+        let n = reply.ids.len();
+        for e in reply.ids {
+            let fields = e
+                .map
+                .iter()
+                .filter_map(|(k, v)| redis::from_redis_value_ref::<Vec<u8>>(v).ok().map(|b| (k.clone(), b)))
+                .collect();
+            from = format!("({}", e.id);
+            out.push((e.id, fields));
+        }
+        if n < 10_000 {
+            return out;
+        }
+    }
+}
+
+fn ids(entries: &[Entry]) -> HashSet<u64> {
+    entries
+        .iter()
+        .filter_map(|(_, f)| f.get("payload"))
+        .filter_map(|p| serde_json::from_slice::<Value>(p).ok())
+        .filter_map(|v| v["id"].as_u64())
+        .collect()
+}
+
+/// Polls `stream` until it holds `want` distinct ids; the worker must keep running.
+fn wait_for_ids(redis: &Redis, stream: &str, want: usize, worker: &mut Worker) -> Vec<Entry> {
+    let deadline = Instant::now() + STREAM_DEADLINE;
+    let mut poll = Duration::from_millis(50);
+    loop {
+        worker.assert_running();
+        let entries = read_stream(redis, stream);
+        let got = ids(&entries).len();
+        if got >= want {
+            return entries;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{stream}: only {got} of {want} ids within {STREAM_DEADLINE:?}; the worker's log:\n{}",
+                worker.log_tail()
+            );
+        }
+        // Polling the output by events would need a reader group; a short,
+        // growing pause between full reads keeps the load down.
+        std::thread::sleep(poll);
+        poll = (poll * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Every id of `0..n` present; per key, first occurrences of `seq` in
+/// increasing order. Returns the number of duplicates.
+fn check_output(entries: &[Entry], n: u64) -> usize {
+    let mut seen = HashSet::new();
+    let mut duplicates = 0;
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    for (_, f) in entries {
+        let v: Value = serde_json::from_slice(&f["payload"]).expect("output is JSON");
+        let id = v["id"].as_u64().expect("id");
+        let key = v["key"].as_str().expect("key").to_string();
+        assert_eq!(f.get("key").map(Vec::as_slice), Some(key.as_bytes()), "the key travels");
+        assert_eq!(v["double"].as_u64(), Some(v["amount"].as_u64().expect("amount") * 2), "map ran");
+        if !seen.insert(id) {
+            duplicates += 1;
+            continue;
+        }
+        let seq = v["seq"].as_u64().expect("seq");
+        if let Some(prev) = last_seq.insert(key.clone(), seq) {
+            assert!(seq > prev, "key {key}: seq {seq} after {prev} (order broken)");
+        }
+    }
+    let missing: Vec<u64> = (0..n).filter(|id| !seen.contains(id)).take(20).collect();
+    assert!(missing.is_empty(), "{} of {n} ids missing, e.g. {missing:?}", n as usize - seen.len());
+    duplicates
+}
+
+fn pending(redis: &Redis, group: &str) -> u64 {
+    let reply: redis::streams::StreamPendingReply = conn(redis).xpending("in", group).expect("XPENDING");
+    reply.count() as u64
+}
+
+/// Polls until the group has nothing pending (everything XACKed).
+fn wait_until_acked(redis: &Redis, group: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = pending(redis, group);
+        if p == 0 || Instant::now() > deadline {
+            return p;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn hundred_thousand_messages_end_to_end_in_key_order() {
+    let redis = Redis::start();
+    const N: u64 = 100_000;
+    produce(&redis, 0..N);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&redis, "e2e", None));
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    let entries = wait_for_ids(&redis, "out", N as usize, &mut worker);
+    let duplicates = check_output(&entries, N);
+    assert_eq!(wait_until_acked(&redis, "e2e"), 0, "every entry XACKed after delivery");
+    eprintln!("end to end: {N} in, {} out, {duplicates} duplicates", entries.len());
+    assert_eq!(duplicates, 0, "a clean run delivers each message once");
+}
+
+#[test]
+fn kill_9_then_another_pod_claims_the_dead_consumers_entries() {
+    let redis = Redis::start();
+    const N: u64 = 100_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&redis, "crash", Some("2s")));
+    produce(&redis, 0..N / 2);
+    let mut first = Worker::start(&spec, dir.path().join("worker-1.log"), "pod-a");
+    // Kill while pod-a holds read but unacknowledged entries.
+    let deadline = Instant::now() + STREAM_DEADLINE;
+    loop {
+        first.assert_running();
+        if ids(&read_stream(&redis, "out")).len() >= 5_000 && pending(&redis, "crash") > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pod-a never got going:\n{}", first.log_tail());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill9();
+    let at_kill = ids(&read_stream(&redis, "out")).len();
+    let stranded = pending(&redis, "crash");
+    produce(&redis, N / 2..N);
+    // A different pod: pod-a's pending entries come back only by XAUTOCLAIM.
+    let mut second = Worker::start(&spec, dir.path().join("worker-2.log"), "pod-b");
+    let entries = wait_for_ids(&redis, "out", N as usize, &mut second);
+    let duplicates = check_output_unordered(&entries, N);
+    assert_eq!(wait_until_acked(&redis, "crash"), 0, "nothing stays pending");
+    eprintln!(
+        "kill -9: {at_kill} ids out at the kill, {stranded} entries pending on the dead consumer; {} out in all, {duplicates} duplicates",
+        entries.len()
+    );
+    assert!(stranded > 0, "the kill left entries pending on pod-a, which pod-b claimed");
+}
+
+/// Claimed entries come back after newer ones: order is not kept across a
+/// crash, only completeness.
+fn check_output_unordered(entries: &[Entry], n: u64) -> usize {
+    let all = ids(entries);
+    let missing: Vec<u64> = (0..n).filter(|id| !all.contains(id)).take(20).collect();
+    assert!(missing.is_empty(), "{} of {n} ids missing, e.g. {missing:?}", n as usize - all.len());
+    entries.len() - all.len()
+}
+
+#[test]
+fn poison_messages_go_to_the_dead_letter_stream_with_fields() {
+    let redis = Redis::start();
+    produce(&redis, 0..1000);
+    let mut c = conn(&redis);
+    let mut bad_ids = BTreeMap::new();
+    for i in 0..10 {
+        let id: String = c.xadd("in", "*", &[("payload", format!("{{not json {i}"))]).expect("XADD");
+        bad_ids.insert(id, "bad_payload");
+        let expr = json!({"id": 1_000_000 + i, "key": "k0", "type": "order", "amount": "not a number"}).to_string();
+        let id: String = c.xadd("in", "*", &[("payload", expr)]).expect("XADD");
+        bad_ids.insert(id, "expression");
+        let ignored = json!({"id": 2_000_000 + i, "key": "k1", "type": "ignore", "amount": 1}).to_string();
+        let _: String = c.xadd("in", "*", &[("payload", ignored)]).expect("XADD");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&redis, "poison", None));
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    let out = wait_for_ids(&redis, "out", 1000, &mut worker);
+    check_output(&out, 1000);
+    assert!(ids(&out).iter().all(|id| *id < 1000), "no poison or ignored message in the output");
+    let deadline = Instant::now() + STREAM_DEADLINE;
+    let dead = loop {
+        let dead = read_stream(&redis, "dlq");
+        if dead.len() >= 20 || Instant::now() > deadline {
+            break dead;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(dead.len(), 20, "10 bad payloads and 10 expression errors");
+    let text =
+        |f: &HashMap<String, Vec<u8>>, k: &str| String::from_utf8_lossy(f.get(k).map_or(&[][..], |v| v)).into_owned();
+    for (_, f) in &dead {
+        for h in [
+            "sluice-error",
+            "sluice-step",
+            "sluice-partition",
+            "sluice-offset",
+            "sluice-attempt",
+            "sluice-source",
+            "redis-id",
+        ] {
+            assert!(!text(f, h).is_empty(), "dead letter without {h}: {f:?}");
+        }
+        assert_eq!(text(f, "sluice-source"), "redis/in");
+        let source_id = text(f, "redis-id");
+        assert_eq!(bad_ids.get(&source_id).copied(), Some(text(f, "sluice-reason").as_str()), "{f:?}");
+    }
+    assert_eq!(wait_until_acked(&redis, "poison"), 0, "dead-lettered and filtered entries are XACKed too");
+}
+
+#[test]
+fn server_restart_mid_stream_recovers_by_itself() {
+    let mut config = RedisConfig::default();
+    config.directives.insert("appendonly".into(), "yes".into());
+    config.directives.insert("appendfsync".into(), "always".into());
+    let mut redis = Redis::start_with(config).expect("redis with AOF");
+    const N: u64 = 50_000;
+    produce(&redis, 0..N);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&redis, "restart", None));
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    let before = ids(&wait_for_ids(&redis, "out", 10_000, &mut worker)).len();
+    redis.restart().expect("redis restart");
+    let entries = wait_for_ids(&redis, "out", N as usize, &mut worker);
+    let duplicates = check_output(&entries, N);
+    assert_eq!(wait_until_acked(&redis, "restart"), 0);
+    eprintln!("server restart after {before} ids: {} out, {duplicates} duplicates", entries.len());
+}
