@@ -155,6 +155,7 @@ pub fn start(
             metrics: metrics.clone(),
             tick: cfg.tick,
             snapshots: cfg.snapshots.clone(),
+            state_keys: 0,
         };
         handles.push(tokio::spawn(task.run()));
     }
@@ -170,6 +171,7 @@ struct PoolTask {
     metrics: Metrics,
     tick: Duration,
     snapshots: Option<Snapshots>,
+    state_keys: i64,
 }
 
 impl PoolTask {
@@ -248,6 +250,10 @@ impl PoolTask {
 
     async fn emit(&mut self, out: Outputs, tally: &Tally) -> bool {
         self.metrics.add(tally);
+        // This task's share of the state-keys gauge.
+        let keys = self.pipeline.state_keys() as i64;
+        self.metrics.state_keys.add(keys - self.state_keys);
+        self.state_keys = keys;
         if out.is_empty() {
             return true;
         }

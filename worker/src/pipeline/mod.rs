@@ -253,7 +253,9 @@ impl Pipeline {
                 }
             }
         }
-        tally.delivered += 1;
+        if ack.is_some() {
+            tally.delivered += 1;
+        }
         out.push(Output::Deliver(msg, ack));
     }
 

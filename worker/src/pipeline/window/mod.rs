@@ -204,10 +204,10 @@ impl PartitionWindows {
     }
 
     fn fire(&mut self, wm: i64, out: &mut Vec<Fired>) {
-        match &mut self.store {
-            Store::Aligned(w) => w.fire(wm, out),
-            Store::Session(s) => s.fire(wm, out),
-            Store::Count(_) => {}
+        match (&mut self.store, self.kind) {
+            (Store::Aligned(w), _) => w.fire(wm, out),
+            (Store::Session(s), Kind::Session { gap }) => s.fire(gap, wm, out),
+            _ => {}
         }
     }
 

@@ -33,6 +33,11 @@ pub struct SessionWindows {
     keys: HashMap<WindowKey, KeySessions>,
     /// (end, start, key) of every open session: what fires next.
     index: BTreeSet<(i64, i64, WindowKey)>,
+    /// (last fired end + gap, key): once the watermark passes it, the rule
+    /// `watermark >= ts + gap` already makes every event before that end
+    /// late, so a key with no open session can be forgotten (bounded state).
+    #[serde(default)]
+    retire: BTreeSet<(i64, WindowKey)>,
 }
 
 impl SessionWindows {
@@ -64,15 +69,33 @@ impl SessionWindows {
         ks.open.insert(start, session);
     }
 
-    pub fn fire(&mut self, watermark: i64, out: &mut Vec<Fired>) {
+    pub fn fire(&mut self, gap: i64, watermark: i64, out: &mut Vec<Fired>) {
         while let Some(first) = self.index.first() {
             if first.0 > watermark {
                 break;
             }
             if let Some((end, start, key)) = self.index.pop_first() {
+                self.retire.insert((end + gap, key.clone()));
                 self.emit(end, start, key, out);
             }
         }
+        while let Some((due, _)) = self.retire.first() {
+            if *due > watermark {
+                break;
+            }
+            if let Some((due, key)) = self.retire.pop_first()
+                && let Some(ks) = self.keys.get(&key)
+                && ks.open.is_empty()
+                && ks.last_fired_end.is_some_and(|e| e + gap <= due)
+            {
+                self.keys.remove(&key);
+            }
+        }
+    }
+
+    /// Keys with sessions or late-event memory.
+    pub fn keys(&self) -> usize {
+        self.keys.len()
     }
 
     pub fn flush(&mut self, out: &mut Vec<Fired>) {

@@ -155,6 +155,20 @@ fn session_late_rules() {
 }
 
 #[test]
+fn session_keys_are_forgotten_once_late_by_the_gap_rule() {
+    let mut w = PartitionWindows::new(Kind::Session { gap: 10 }, 0);
+    let mut out = Vec::new();
+    for k in 0..50u8 {
+        w.add(&key(k), i64::from(k), &inputs(1), &mut out);
+    }
+    w.add(&key(200), 1000, &inputs(1), &mut out);
+    assert_eq!(out.len(), 50);
+    let Store::Session(s) = &w.store else { panic!() };
+    assert_eq!(s.keys(), 1, "only the open key is remembered");
+    assert_eq!(w.add(&key(3), 5, &inputs(1), &mut out), Admit::Late, "still late after forgetting");
+}
+
+#[test]
 fn count_windows_emit_at_n_and_flush_partials() {
     let rows = ts_list(Kind::Count { n: 2 }, 0, &[(1, 0), (0, 0), (1, 0), (0, 0), (0, 0), (1, 0)]);
     assert_eq!(
