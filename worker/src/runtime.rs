@@ -44,6 +44,9 @@ pub enum RuntimeError {
     Sink { kind: &'static str, attempts: u32, error: String },
 }
 
+/// How long the pool may refuse work before `/readyz` says the worker is stalled.
+pub const STALL: Duration = Duration::from_secs(30);
+
 /// What a run did (logged at exit; tests assert on it).
 #[derive(Debug, Default, Clone)]
 pub struct Summary {
@@ -102,7 +105,19 @@ impl Runtime {
                         consumed += batch.len() as u64;
                         self.metrics.consumed.inc_by(batch.len() as u64);
                         track(&tracker, &batch);
-                        dispatcher.dispatch(batch).await?;
+                        let send = dispatcher.dispatch(batch);
+                        tokio::pin!(send);
+                        tokio::select! {
+                            r = &mut send => r?,
+                            _ = tokio::time::sleep(STALL) => {
+                                // Backpressure is normal; a pool that takes no work for this
+                                // long is stalled: say so on /readyz until it moves again.
+                                tracing::warn!(stall = ?STALL, "pool has taken no work; reporting not ready until it does");
+                                self.ready.store(false, Ordering::Relaxed);
+                                send.await?;
+                                self.ready.store(true, Ordering::Relaxed);
+                            }
+                        }
                         self.metrics.queue_depth.set(dispatcher.queued() as i64);
                     }
                     SourceEvent::Assigned(partitions) => {

@@ -62,6 +62,7 @@ async fn a_full_pool_pauses_the_source_and_loses_nothing() {
     let (sink, gate) = CollectSink::gated();
     let stop = CancellationToken::new();
     let rt = runtime(1, None);
+    let rt_ready = rt.ready.clone();
     let run = tokio::spawn({
         let (sink, stop) = (sink.clone(), stop.clone());
         async move {
@@ -75,7 +76,11 @@ async fn a_full_pool_pauses_the_source_and_loses_nothing() {
             .await
         }
     });
+    let ready = rt_ready.clone();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(ready.load(Ordering::SeqCst), "backpressure alone is not a stall");
     tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(!ready.load(Ordering::SeqCst), "a pool that takes no work for 30s is reported not ready");
     let stalled = fetched.load(Ordering::SeqCst);
     assert!(stalled <= 8, "the source must pause when every hop is full, fetched {stalled} batches");
     tokio::time::sleep(Duration::from_secs(30)).await;

@@ -133,3 +133,27 @@ fn projection_only_when_nothing_else_reads_the_payload() {
     let whole = Pipeline::compile(&spec(json!([{"filter": "size(msg) > 1"}]))).unwrap();
     assert_eq!(whole.projection(), None);
 }
+
+#[test]
+fn processing_time_windows_fire_on_the_clock() {
+    let mut p = Pipeline::compile(&spec(json!([
+        {"window": {"type": "tumbling", "size": "1s", "aggregate": {"count": {}}}}
+    ])))
+    .unwrap();
+    let mut out = Vec::new();
+    let mut tally = Tally::default();
+    p.process(msg(0, "{}"), 500, &mut out, &mut tally);
+    p.process(msg(1, "{}"), 700, &mut out, &mut tally);
+    p.tick(999, &mut out, &mut tally);
+    assert_eq!(tally.windows_emitted, 0);
+    p.tick(1000, &mut out, &mut tally);
+    let records: Vec<serde_json::Value> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Deliver(m, None) => Some(m.payload.json().unwrap().clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(records, vec![json!({"key": null, "start": 0, "end": 1000, "count": 2})]);
+    assert!(!msg(2, "{}").payload.is_parsed());
+}
