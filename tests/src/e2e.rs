@@ -115,3 +115,71 @@ where
 pub fn condition(sp: &StreamProcessor, type_: &str) -> Option<(String, String, String)> {
     sp.status.as_ref()?.condition(type_).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
+
+/// What a person would look at when an e2e wait times out: objects, Events,
+/// the operator's and workers' logs, and denied requests in the audit log.
+pub fn diagnose(cluster: &Cluster) -> String {
+    let mut out = String::new();
+    let namespaces = cluster
+        .kubectl()
+        .args([
+            "get",
+            "pods",
+            "-A",
+            "-l",
+            "app.kubernetes.io/part-of=sluice",
+            "-o",
+            "jsonpath={.items[*].metadata.namespace}",
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let mut namespaces: Vec<&str> = namespaces.split_whitespace().collect();
+    namespaces.sort();
+    namespaces.dedup();
+    let mut commands: Vec<Vec<String>> = vec![
+        ["get", "sp,deploy,pods,leases", "-A", "-o", "wide"].map(String::from).to_vec(),
+        ["get", "events", "-A", "--sort-by=.metadata.creationTimestamp"].map(String::from).to_vec(),
+    ];
+    for ns in namespaces {
+        commands.push(
+            ["logs", "-n", ns, "-l", "app.kubernetes.io/part-of=sluice", "--tail=60", "--prefix", "--all-containers"]
+                .map(String::from)
+                .to_vec(),
+        );
+    }
+    for args in &commands {
+        match cluster.kubectl().args(args).output() {
+            Ok(o) => out.push_str(&format!(
+                "\n$ kubectl {}\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )),
+            Err(e) => out.push_str(&format!("\nkubectl {args:?}: {e}")),
+        }
+    }
+    if let Ok(records) = cluster.audit_records() {
+        let denied: Vec<String> = records.iter().filter(|r| r.code == 403).map(|r| format!("{r:?}")).take(20).collect();
+        out.push_str(&format!("\n403s in the audit log: {denied:#?}\n"));
+    }
+    out
+}
+
+/// Like [`eventually`], with [`diagnose`] in the failure message.
+pub async fn eventually_on<T, F, Fut>(cluster: &Cluster, what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting until {what}\n{}", diagnose(cluster));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
