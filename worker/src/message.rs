@@ -33,6 +33,8 @@ pub struct Payload {
     /// `None` after a step changed the JSON: the bytes are stale.
     bytes: Option<Vec<u8>>,
     json: OnceLock<Result<Value, PayloadError>>,
+    /// The parsed JSON holds only some fields (see `project`).
+    projected: bool,
 }
 
 impl Clone for Payload {
@@ -41,13 +43,13 @@ impl Clone for Payload {
         if let Some(v) = self.json.get() {
             let _ = json.set(v.clone());
         }
-        Self { bytes: self.bytes.clone(), json }
+        Self { bytes: self.bytes.clone(), json, projected: self.projected }
     }
 }
 
 impl Payload {
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        Self { bytes: Some(bytes), json: OnceLock::new() }
+        Self { bytes: Some(bytes), json: OnceLock::new(), projected: false }
     }
 
     /// A payload built from JSON (windows' records, the generator): no parse
@@ -55,14 +57,14 @@ impl Payload {
     pub fn from_json(value: Value) -> Self {
         let json = OnceLock::new();
         let _ = json.set(Ok(value));
-        Self { bytes: None, json }
+        Self { bytes: None, json, projected: false }
     }
 
     /// Both forms at once, when the producer has them anyway.
     pub fn from_parts(bytes: Vec<u8>, value: Value) -> Self {
         let json = OnceLock::new();
         let _ = json.set(Ok(value));
-        Self { bytes: Some(bytes), json }
+        Self { bytes: Some(bytes), json, projected: false }
     }
 
     /// The JSON payload, parsed on first use.
@@ -80,16 +82,18 @@ impl Payload {
     /// step edits the payload and no expression reads it whole. Sinks still
     /// get the original bytes. A payload that is not an object is parsed in
     /// full, so errors read the same as without projection.
-    pub fn project(&self, fields: &[String]) {
+    pub fn project(&mut self, fields: &[String]) {
         if self.json.get().is_some() {
             return;
         }
         let bytes = self.bytes.as_deref().unwrap_or_default();
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        let parsed = serde::Deserializer::deserialize_any(&mut de, Projection(fields)).and_then(|v| de.end().map(|()| v));
+        let parsed =
+            serde::Deserializer::deserialize_any(&mut de, Projection(fields)).and_then(|v| de.end().map(|()| v));
         match parsed {
             Ok(Some(v)) => {
                 let _ = self.json.set(Ok(v));
+                self.projected = true;
             }
             Ok(None) | Err(_) => {
                 let _ = self.json();
@@ -97,8 +101,18 @@ impl Payload {
         }
     }
 
+    /// Drop a projected parse when the message leaves the pipeline, so that
+    /// whoever reads it next (a sink's envelope) sees the whole payload.
+    pub fn forget_projection(&mut self) {
+        if self.projected {
+            self.json = OnceLock::new();
+            self.projected = false;
+        }
+    }
+
     /// The JSON payload for editing; the bytes are re-rendered when next read.
     pub fn json_mut(&mut self) -> Result<&mut Value, PayloadError> {
+        self.forget_projection();
         if let Err(e) = self.json() {
             return Err(e.clone());
         }
@@ -243,12 +257,14 @@ mod tests {
 
     #[test]
     fn projection_keeps_only_the_named_fields_and_the_bytes() {
-        let m = Message::new(0, 1, br#"{"a":1,"b":{"deep":[1,2]},"c":"x","a2":null}"#.to_vec());
+        let mut m = Message::new(0, 1, br#"{"a":1,"b":{"deep":[1,2]},"c":"x","a2":null}"#.to_vec());
         m.payload.project(&["a".into(), "c".into()]);
         assert_eq!(m.payload.json().unwrap(), &serde_json::json!({"a": 1, "c": "x"}));
         assert_eq!(&*m.payload.to_bytes(), br#"{"a":1,"b":{"deep":[1,2]},"c":"x","a2":null}"#);
+        m.payload.forget_projection();
+        assert_eq!(m.payload.json().unwrap()["b"]["deep"][1], 2, "whole again once it leaves the pipeline");
         for bad in [&b"{\"a\":1"[..], b"[1,2]", b"7", b"{\"a\":1} trailing"] {
-            let m = Message::new(0, 1, bad.to_vec());
+            let mut m = Message::new(0, 1, bad.to_vec());
             m.payload.project(&["a".into()]);
             let full = Message::new(0, 1, bad.to_vec());
             assert_eq!(m.payload.json().ok(), full.payload.json().ok(), "{}", String::from_utf8_lossy(bad));

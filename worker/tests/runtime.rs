@@ -169,3 +169,53 @@ async fn end_of_input_flushes_windows_in_order() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_across_a_pool_of_four() {
+    let mut batches = vec![SourceEvent::Assigned(vec![0, 1])];
+    let mut offsets = [0i64; 2];
+    for b in 0..50 {
+        let mut batch = Vec::new();
+        for i in 0..100 {
+            let p = (b + i) % 2;
+            let key = format!("key{}", (i * 7 + b) % 13);
+            let o = offsets[p as usize];
+            offsets[p as usize] += 1;
+            batch.push(json_msg(p, o, json!({"key": key, "seq": b * 100 + i})).with_key(key));
+        }
+        batches.push(SourceEvent::Batch(batch));
+    }
+    let source = ScriptedSource::new(batches);
+    let acker = source.acker.clone();
+    let sink = CollectSink::new();
+    runtime(4, None)
+        .run(
+            Box::new(source),
+            Pipeline::compile(&filter_spec_all()).unwrap(),
+            Box::new(sink.clone()),
+            Box::new(NullSink::default()),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    let got = sink.payloads().await;
+    assert_eq!(got.len(), 5000);
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    for v in got {
+        let (k, s) = (v["key"].as_str().unwrap().to_string(), v["seq"].as_i64().unwrap());
+        if let Some(prev) = last.insert(k.clone(), s) {
+            assert!(s > prev, "key {k}: {s} after {prev}");
+        }
+    }
+    let committed = acker.committed.lock().unwrap().clone();
+    assert_eq!(committed.get(&0), Some(&offsets[0]));
+    assert_eq!(committed.get(&1), Some(&offsets[1]));
+}
+
+fn filter_spec_all() -> sluice_crds::StreamProcessorSpec {
+    spec(json!({
+        "source": {"generator": {"template": {"a": "seq"}}},
+        "sink": {"stdout": {}},
+        "pipeline": [{"filter": "msg.seq >= 0"}]
+    }))
+}

@@ -165,7 +165,7 @@ impl Pipeline {
     }
 
     /// Run one source message through every step.
-    pub fn process(&mut self, msg: Message, now: i64, out: &mut Vec<Output>, tally: &mut Tally) {
+    pub fn process(&mut self, mut msg: Message, now: i64, out: &mut Vec<Output>, tally: &mut Tally) {
         if let Some(fields) = &self.projection {
             msg.payload.project(fields);
         }
@@ -241,6 +241,7 @@ impl Pipeline {
                     tracing::debug!(step = %name, partition = msg.partition, offset = msg.offset, reason, %error,
                         "message failed a step; dead-lettering it and going on");
                     tally.dead_letter(reason);
+                    msg.payload.forget_projection();
                     out.push(Output::DeadLetter(DeadLetter {
                         message: msg,
                         reason,
@@ -256,6 +257,7 @@ impl Pipeline {
         if ack.is_some() {
             tally.delivered += 1;
         }
+        msg.payload.forget_projection();
         out.push(Output::Deliver(msg, ack));
     }
 
