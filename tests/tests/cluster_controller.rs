@@ -74,7 +74,9 @@ async fn child_value(cms: &Api<ConfigMap>, name: &str) -> Option<String> {
 
 #[tokio::test]
 async fn controller_with_owned_children_survives_an_apiserver_restart() {
+    let t0 = Instant::now();
     let mut cluster = start().await;
+    eprintln!("cluster up after {:?}", t0.elapsed());
     let client = cluster.client().await.expect("client");
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
     crds.patch("gadgets.test.sluice.io", &PatchParams::apply("test").force(), &Patch::Apply(Gadget::crd()))
@@ -91,6 +93,7 @@ async fn controller_with_owned_children_survives_an_apiserver_restart() {
     })
     .await;
 
+    eprintln!("{:?}: let gadgets = Api::<Gadget>::namespaced(", t0.elapsed());
     let gadgets = Api::<Gadget>::namespaced(client.clone(), "default");
     let cms = Api::<ConfigMap>::namespaced(client.clone(), "default");
     let controller = tokio::spawn(
@@ -122,6 +125,7 @@ async fn controller_with_owned_children_survives_an_apiserver_restart() {
     })
     .await;
 
+    eprintln!("{:?}: // .owns(): deleting the child triggers ", t0.elapsed());
     // .owns(): deleting the child triggers a reconcile that recreates it.
     cms.delete("g1-child", &DeleteParams::default()).await.expect("delete child");
     poll("child of g1 recreated", Duration::from_secs(30), || async {
@@ -129,10 +133,13 @@ async fn controller_with_owned_children_survives_an_apiserver_restart() {
     })
     .await;
 
+    eprintln!("{:?}: // Restart kube-apiserver: the watches r", t0.elapsed());
     // Restart kube-apiserver: the watches reconnect and events flow again.
     let apiserver = cluster.stop_component("kube-apiserver").expect("stop kube-apiserver");
+    eprintln!("{:?}: apiserver stopped", t0.elapsed());
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.start_component(apiserver).await.expect("start kube-apiserver");
+    eprintln!("{:?}: apply_gadget(g1, two).await;", t0.elapsed());
     apply_gadget("g1", "two").await;
     apply_gadget("g2", "three").await;
     poll("children after the restart", Duration::from_secs(60), || async {
@@ -140,7 +147,10 @@ async fn controller_with_owned_children_survives_an_apiserver_restart() {
             && child_value(&cms, "g2-child").await.as_deref() == Some("three")
     })
     .await;
+    eprintln!("{:?}: controller.abort();", t0.elapsed());
     controller.abort();
+    cluster.stop();
+    eprintln!("{:?}: cluster stopped", t0.elapsed());
 }
 
 #[tokio::test]

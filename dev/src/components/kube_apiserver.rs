@@ -46,6 +46,8 @@ pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
         .flag("proxy-client-cert-file", pki("front-proxy-client.crt"))
         .flag("proxy-client-key-file", pki("front-proxy-client.key"))
         .flag("enable-aggregator-routing", true)
+        // Without it, a client's open watch holds the shutdown until SIGKILL.
+        .flag("shutdown-watch-termination-grace-period", "2s")
         .flag("profiling", false)
         .flag("v", 1);
     comp.waits_for = vec![super::etcd::NAME];
