@@ -18,10 +18,12 @@ use sluice_worker::{
     pipeline::Pipeline,
     pool::{PoolConfig, Snapshots},
     runtime::Runtime,
-    sink::{Sink, file::FileSink, kafka::KafkaSink, null::LogSink, redis::RedisSink, stdout::StdoutSink},
+    sink::{
+        Sink, file::FileSink, kafka::KafkaSink, nats::NatsSink, null::LogSink, redis::RedisSink, stdout::StdoutSink,
+    },
     source::{
         Source, SourceError, file::FileSource, generator::Generator, kafka::KafkaSource, kafka::pod_name,
-        redis::RedisSource,
+        nats::NatsSource, redis::RedisSource,
     },
     state::{StateKeys, StateStore, redis::RedisStore},
 };
@@ -102,7 +104,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn source(
+async fn source(
     spec: &StreamProcessorSpec,
     processor: &str,
     input: Option<String>,
@@ -123,6 +125,11 @@ fn source(
         let group = r.group.clone().unwrap_or_else(|| processor.replace('/', "."));
         let consumer = pod_name().unwrap_or_else(|_| "sluice-worker".into());
         return Ok(Box::new(RedisSource::new(r, &group, &consumer, &|v| std::env::var(v).ok())?));
+    }
+    if let Some(n) = &spec.source.nats {
+        // Default durable `<namespace>-<name>`, as the operator's lag probe assumes.
+        let durable = n.consumer.clone().unwrap_or_else(|| processor.replace('/', "-"));
+        return Ok(Box::new(NatsSource::new(n, &durable, &|v| std::env::var(v).ok()).await?));
     }
     Err(Box::new(SourceError::Unsupported {
         kind: spec.source.kind(),
@@ -146,7 +153,7 @@ async fn run(
     dead_letter: Option<String>,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let spec = &cfg.spec;
-    let source = source(spec, &cfg.processor, input)?;
+    let source = source(spec, &cfg.processor, input).await?;
     let env = |v: &str| std::env::var(v).ok();
     let source_brokers = spec.source.kafka.as_ref().map(|k| k.brokers.as_slice());
     let format = spec.sink.stdout.as_ref().map_or(StdoutFormat::Json, |s| s.format);
@@ -160,6 +167,10 @@ async fn run(
         (None, None) if spec.sink.redis.is_some() => {
             let r = spec.sink.redis.as_ref().ok_or("sink.redis")?;
             Box::new(RedisSink::new(r, "SINK", "spec.sink.redis", &env)?)
+        }
+        (None, None) if spec.sink.nats.is_some() => {
+            let n = spec.sink.nats.as_ref().ok_or("sink.nats")?;
+            Box::new(NatsSink::new(n, "SINK", "spec.sink.nats", &env).await?)
         }
         (None, None) => {
             return Err(format!(
@@ -185,7 +196,14 @@ async fn run(
                     RedisSink::new(r, "DEADLETTER", "spec.deadLetter.redis", &env)?
                         .with_field(sluice_worker::deadletter::HEADER_SOURCE, source_name(spec)),
                 ),
-                None => Box::new(LogSink),
+                None => match spec.dead_letter.as_ref().and_then(|d| d.nats.as_ref()) {
+                    Some(n) => Box::new(
+                        NatsSink::new(n, "DEADLETTER", "spec.deadLetter.nats", &env)
+                            .await?
+                            .with_header(sluice_worker::deadletter::HEADER_SOURCE, source_name(spec)),
+                    ),
+                    None => Box::new(LogSink),
+                },
             },
         },
     };

@@ -8,6 +8,7 @@
 
 pub mod file;
 pub mod kafka;
+pub mod nats;
 pub mod null;
 pub mod redis;
 pub mod stdout;

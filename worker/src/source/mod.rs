@@ -13,6 +13,7 @@
 pub mod file;
 pub mod generator;
 pub mod kafka;
+pub mod nats;
 pub mod redis;
 
 use std::sync::Arc;

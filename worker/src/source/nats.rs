@@ -1,0 +1,292 @@
+//! NATS JetStream source: a durable pull consumer read as a continuous
+//! stream of pull requests (batches of `max`), acked after delivery.
+//!
+//! ```text
+//! get_or_create durable (explicit ack, ackWait, maxDeliver, filterSubject, deliver all|new)
+//!   └─ consumer.stream().max_messages_per_batch(max) ──> Message{partition 0, offset = local seq,
+//!                                                          headers, key = Sluice-Key header}
+//! acker: commit(0, next) ──> +ACK every message handed out below `next`, then flush
+//! ```
+//!
+//! As for Redis, offsets are a local sequence: redeliveries (after ackWait,
+//! or of a dead pod's messages) come back with older stream sequences. The
+//! stream sequence travels in the `nats-seq` header (dead letters name it;
+//! the NATS sink builds `Nats-Msg-Id` from it). Unacked messages are
+//! redelivered by the server after ackWait.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use async_nats::{
+    ConnectOptions,
+    jetstream::{self, consumer::pull},
+};
+use futures::{FutureExt, StreamExt, future::BoxFuture};
+use sluice_crds::{NatsAuth, NatsSource as NatsSourceSpec, StartFrom};
+
+use super::{Acker, Source, SourceError, SourceEvent};
+use crate::{
+    message::{Message, Payload, now_ms},
+    retry::Backoff,
+};
+
+pub const HEADER_NATS_SEQ: &str = "nats-seq";
+/// The header that carries a message key through NATS.
+pub const HEADER_KEY: &str = "Sluice-Key";
+const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// Connect options with the credentials from `SLUICE_SECRET_<place>_NATS_*`.
+pub fn connect_options(
+    auth: Option<&NatsAuth>,
+    place: &str,
+    field: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ConnectOptions, String> {
+    let var = |what: &str| format!("SLUICE_SECRET_{place}_{what}");
+    let get = |what: &str| {
+        env(&var(what)).ok_or_else(|| {
+            format!("{field}.auth: environment variable {} is not set; the operator sets it from the Secret", var(what))
+        })
+    };
+    let options = match auth {
+        Some(a) if a.creds_secret_ref.is_some() => ConnectOptions::with_credentials(&get("NATS_CREDS")?)
+            .map_err(|e| format!("{field}.auth.credsSecretRef: not a NATS credentials file: {e}"))?,
+        Some(a) if a.token_secret_ref.is_some() => ConnectOptions::with_token(get("NATS_TOKEN")?),
+        Some(a) if a.user_secret_ref.is_some() => {
+            ConnectOptions::with_user_and_password(get("NATS_USERNAME")?, get("NATS_PASSWORD")?)
+        }
+        _ => ConnectOptions::new(),
+    };
+    Ok(options
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(10)))
+        .retry_on_initial_connect()
+        .max_reconnects(None))
+}
+
+fn to_message(m: &jetstream::Message, offset: i64) -> Message {
+    let mut headers = Vec::new();
+    let mut key = None;
+    if let Some(h) = &m.headers {
+        for (name, values) in h.iter() {
+            let name: &str = name.as_ref();
+            if name.starts_with("Nats-") || name == HEADER_NATS_SEQ {
+                continue;
+            }
+            let value = values.first().map(|v| v.as_str().as_bytes().to_vec()).unwrap_or_default();
+            if name == HEADER_KEY {
+                key = Some(value);
+            } else {
+                headers.push((name.to_string(), value));
+            }
+        }
+    }
+    if let Ok(info) = m.info() {
+        headers.push((HEADER_NATS_SEQ.to_string(), info.stream_sequence.to_string().into_bytes()));
+    }
+    Message {
+        key,
+        payload: Payload::from_bytes(m.payload.to_vec()),
+        headers,
+        partition: 0,
+        offset,
+        timestamp: now_ms(),
+    }
+}
+
+type InFlight = Arc<Mutex<VecDeque<(i64, jetstream::Message)>>>;
+
+pub struct NatsSource {
+    stream_name: String,
+    durable: String,
+    messages: Option<pull::Stream>,
+    consumer: Option<jetstream::consumer::Consumer<pull::Config>>,
+    js: jetstream::Context,
+    config: pull::Config,
+    batch: usize,
+    seq: i64,
+    inflight: InFlight,
+    acker: Arc<NatsAcker>,
+    backoff: Backoff,
+}
+
+impl NatsSource {
+    pub async fn new(
+        spec: &NatsSourceSpec,
+        durable: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, SourceError> {
+        let options = connect_options(spec.auth.as_ref(), "SOURCE", "spec.source.nats", env)
+            .map_err(|detail| SourceError::Config { field: "spec.source.nats.auth", detail })?;
+        let client = options.name("sluice-worker").connect(&spec.servers).await.map_err(|e| SourceError::Config {
+            field: "spec.source.nats.servers",
+            detail: format!("cannot connect to {}: {e}", spec.servers.join(",")),
+        })?;
+        let js = jetstream::new(client.clone());
+        let config = pull::Config {
+            durable_name: Some(durable.to_string()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: spec.ack_wait.as_ref().map_or(Duration::from_secs(30), |d| d.as_std()),
+            max_deliver: spec.max_deliver.unwrap_or(-1),
+            filter_subject: spec.filter_subject.clone().unwrap_or_default(),
+            deliver_policy: match spec.start_from {
+                StartFrom::Earliest => jetstream::consumer::DeliverPolicy::All,
+                StartFrom::Latest => jetstream::consumer::DeliverPolicy::New,
+            },
+            max_ack_pending: 100_000,
+            ..Default::default()
+        };
+        let inflight: InFlight = Arc::default();
+        let acker = Arc::new(NatsAcker { client, inflight: inflight.clone() });
+        tracing::info!(stream = %spec.stream, durable, servers = %spec.servers.join(","), "NATS JetStream consumer configured");
+        Ok(Self {
+            stream_name: spec.stream.clone(),
+            durable: durable.to_string(),
+            messages: None,
+            consumer: None,
+            js,
+            config,
+            batch: 0,
+            seq: 0,
+            inflight,
+            acker,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+        })
+    }
+
+    /// The durable consumer and its message stream, created on first use
+    /// and again after an error.
+    async fn messages(&mut self, max: usize) -> Result<&mut pull::Stream, String> {
+        if self.messages.is_none() || self.batch != max {
+            if self.consumer.is_none() {
+                let stream = self.js.get_stream(&self.stream_name).await.map_err(|e| {
+                    format!("spec.source.nats.stream: stream {}: {e} (create the stream first)", self.stream_name)
+                })?;
+                let consumer = stream
+                    .get_or_create_consumer(&self.durable, self.config.clone())
+                    .await
+                    .map_err(|e| format!("durable consumer {}: {e}", self.durable))?;
+                self.consumer = Some(consumer);
+            }
+            let consumer = self.consumer.as_ref().ok_or("no consumer")?;
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(max)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+                .map_err(|e| format!("pull from {}: {e}", self.durable))?;
+            self.messages = Some(messages);
+            self.batch = max;
+        }
+        self.messages.as_mut().ok_or_else(|| "no message stream".to_string())
+    }
+
+    fn hand_out(&mut self, m: jetstream::Message) -> Message {
+        self.seq += 1;
+        let out = to_message(&m, self.seq);
+        self.inflight.lock().unwrap_or_else(PoisonError::into_inner).push_back((self.seq, m));
+        out
+    }
+
+    async fn next_event(&mut self, max: usize) -> Result<SourceEvent, SourceError> {
+        loop {
+            let first = match self.messages(max).await {
+                Ok(stream) => tokio::time::timeout(IDLE_TICK, stream.next()).await,
+                Err(e) => {
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(stream = %self.stream_name, error = %e, ?delay, "NATS consumer unavailable; retrying");
+                    self.consumer = None;
+                    self.messages = None;
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            };
+            let first = match first {
+                Err(_) => continue,
+                Ok(None) => {
+                    self.messages = None;
+                    continue;
+                }
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(stream = %self.stream_name, error = %e, "NATS pull error; the stream retries");
+                    continue;
+                }
+                Ok(Some(Ok(m))) => m,
+            };
+            self.backoff.reset();
+            let mut batch = Vec::with_capacity(max.min(4096));
+            batch.push(self.hand_out(first));
+            while batch.len() < max {
+                let Some(stream) = self.messages.as_mut() else { break };
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(self.hand_out(m)),
+                    _ => break,
+                }
+            }
+            return Ok(SourceEvent::Batch(batch));
+        }
+    }
+}
+
+impl Source for NatsSource {
+    fn next(&mut self, max: usize) -> BoxFuture<'_, Result<SourceEvent, SourceError>> {
+        Box::pin(self.next_event(max.max(1)))
+    }
+
+    fn acker(&self) -> Arc<dyn Acker> {
+        self.acker.clone()
+    }
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+}
+
+/// Acks every handed-out message below the committed sequence.
+pub struct NatsAcker {
+    client: async_nats::Client,
+    inflight: InFlight,
+}
+
+impl Acker for NatsAcker {
+    fn commit<'a>(&'a self, positions: &'a [(i32, i64)]) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let Some(next) = positions.iter().filter(|(p, _)| *p == 0).map(|(_, o)| *o).max() else {
+                return Ok(());
+            };
+            let done: Vec<jetstream::Message> = {
+                let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut done = Vec::new();
+                while inflight.front().is_some_and(|(seq, _)| *seq < next) {
+                    if let Some((_, m)) = inflight.pop_front() {
+                        done.push(m);
+                    }
+                }
+                done
+            };
+            let mut failed = 0;
+            for m in &done {
+                // A lost ack means one redelivery after ackWait: at-least-once holds.
+                if m.ack().await.is_err() {
+                    failed += 1;
+                }
+            }
+            self.client
+                .flush()
+                .await
+                .map_err(|e| SourceError::Broker { kind: "nats", detail: format!("flush acks: {e}") })?;
+            if failed > 0 {
+                return Err(SourceError::Broker {
+                    kind: "nats",
+                    detail: format!("{failed} acks not sent; the server redelivers them after ackWait"),
+                });
+            }
+            Ok(())
+        })
+    }
+}

