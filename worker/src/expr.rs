@@ -107,6 +107,28 @@ enum Fast {
     And(Box<Fast>, Box<Fast>),
     Or(Box<Fast>, Box<Fast>),
     Not(Box<Fast>),
+    Arith(Arith, Box<Fast>, Box<Fast>),
+    Neg(Box<Fast>),
+    /// `double(x)`, `int(x)`, `size(x)`, `x.upperAscii()`, `x.lowerAscii()`.
+    Func(Func, Box<Fast>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Arith {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Func {
+    Double,
+    Int,
+    Size,
+    Upper,
+    Lower,
 }
 
 /// The fast path cannot decide: let CEL give the exact answer or error.
@@ -343,11 +365,80 @@ fn fast(e: &IdedExpr) -> Option<Fast> {
                 (None, operators::LOGICAL_AND, [a, b]) => Some(Fast::And(Box::new(fast(a)?), Box::new(fast(b)?))),
                 (None, operators::LOGICAL_OR, [a, b]) => Some(Fast::Or(Box::new(fast(a)?), Box::new(fast(b)?))),
                 (None, operators::LOGICAL_NOT, [a]) => Some(Fast::Not(Box::new(fast(a)?))),
+                (None, operators::NEGATE, [a]) => Some(Fast::Neg(Box::new(fast(a)?))),
+                (None, op, [a, b]) => {
+                    let op = match op {
+                        operators::ADD => Arith::Add,
+                        operators::SUBSTRACT => Arith::Sub,
+                        operators::MULTIPLY => Arith::Mul,
+                        operators::DIVIDE => Arith::Div,
+                        operators::MODULO => Arith::Rem,
+                        _ => return None,
+                    };
+                    Some(Fast::Arith(op, Box::new(fast(a)?), Box::new(fast(b)?)))
+                }
+                (None, "double", [a]) => Some(Fast::Func(Func::Double, Box::new(fast(a)?))),
+                (None, "int", [a]) => Some(Fast::Func(Func::Int, Box::new(fast(a)?))),
+                (None, "size", [a]) => Some(Fast::Func(Func::Size, Box::new(fast(a)?))),
                 _ => None,
             }
         }
+        Expr::Call(c) if c.args.is_empty() => {
+            let f = match c.func_name.as_str() {
+                "upperAscii" => Func::Upper,
+                "lowerAscii" => Func::Lower,
+                "size" => Func::Size,
+                _ => return None,
+            };
+            Some(Fast::Func(f, Box::new(fast(c.target.as_deref()?)?)))
+        }
         _ => None,
     }
+}
+
+fn arith(op: Arith, a: &Value, b: &Value) -> Result<Value, Defer> {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if !x.is_f64() && !y.is_f64() => {
+            let (x, y) = (x.as_i64().ok_or(Defer)?, y.as_i64().ok_or(Defer)?);
+            let r = match op {
+                Arith::Add => x.checked_add(y),
+                Arith::Sub => x.checked_sub(y),
+                Arith::Mul => x.checked_mul(y),
+                Arith::Div => x.checked_div(y),
+                Arith::Rem => x.checked_rem(y),
+            };
+            r.map(Value::from).ok_or(Defer)
+        }
+        (Value::Number(x), Value::Number(y)) if x.is_f64() && y.is_f64() => {
+            let (x, y) = (x.as_f64().ok_or(Defer)?, y.as_f64().ok_or(Defer)?);
+            let r = match op {
+                Arith::Add => x + y,
+                Arith::Sub => x - y,
+                Arith::Mul => x * y,
+                Arith::Div => x / y,
+                Arith::Rem => return Err(Defer),
+            };
+            Number::from_f64(r).map(Value::Number).ok_or(Defer)
+        }
+        (Value::String(x), Value::String(y)) if op == Arith::Add => Ok(Value::String(format!("{x}{y}"))),
+        _ => Err(Defer),
+    }
+}
+
+fn func(f: Func, v: &Value) -> Result<Value, Defer> {
+    Ok(match (f, v) {
+        (Func::Double, Value::Number(n)) if !n.is_f64() => {
+            Value::Number(Number::from_f64(n.as_i64().ok_or(Defer)? as f64).ok_or(Defer)?)
+        }
+        (Func::Double, Value::Number(n)) => Value::Number(n.clone()),
+        (Func::Int, Value::Number(n)) if !n.is_f64() => Value::from(n.as_i64().ok_or(Defer)?),
+        (Func::Size, Value::String(s)) => Value::from(s.chars().count() as i64),
+        (Func::Size, Value::Array(a)) => Value::from(a.len() as i64),
+        (Func::Size, Value::Object(o)) => Value::from(o.len() as i64),
+        (Func::Upper, Value::String(s)) => Value::String(s.to_ascii_uppercase()),
+        (Func::Lower, Value::String(s)) => Value::String(s.to_ascii_lowercase()),
+        _ => return Err(Defer),
+    })
 }
 
 /// `meta.key` and friends.
@@ -432,6 +523,15 @@ fn eval_fast<'m>(f: &'m Fast, json: Option<&'m Value>, msg: &'m Message) -> Resu
             Value::Bool(v) => Cow::Owned(Value::Bool(!v)),
             _ => return Err(Defer),
         },
+        Fast::Arith(op, a, b) => {
+            Cow::Owned(arith(*op, eval_fast(a, json, msg)?.as_ref(), eval_fast(b, json, msg)?.as_ref())?)
+        }
+        Fast::Neg(a) => Cow::Owned(match eval_fast(a, json, msg)?.as_ref() {
+            Value::Number(n) if !n.is_f64() => Value::from(n.as_i64().ok_or(Defer)?.checked_neg().ok_or(Defer)?),
+            Value::Number(n) => Value::Number(Number::from_f64(-n.as_f64().ok_or(Defer)?).ok_or(Defer)?),
+            _ => return Err(Defer),
+        }),
+        Fast::Func(f, a) => Cow::Owned(func(*f, eval_fast(a, json, msg)?.as_ref())?),
     })
 }
 
@@ -560,12 +660,17 @@ mod tests {
         ] {
             assert!(Expression::parse(src).unwrap().is_fast(), "{src}");
         }
-        assert!(!Expression::parse("msg.amount * 2 > 3").unwrap().is_fast());
+        assert!(Expression::parse("msg.amount * 2 > 3").unwrap().is_fast());
+        assert!(Expression::parse("double(msg.amount) * 0.92").unwrap().is_fast());
+        assert!(Expression::parse("msg.country.upperAscii()").unwrap().is_fast());
+        assert!(!Expression::parse("msg.items.exists(i, i > 2)").unwrap().is_fast());
+        assert!(!Expression::parse("msg.name.startsWith('a')").unwrap().is_fast());
     }
 
     #[test]
     fn the_cel_fallback_converts_only_what_is_read() {
-        let e = Expression::parse("msg.country.upperAscii()").unwrap();
+        let e = Expression::parse("msg.country.startsWith('d') ? 'DE' : 'other'").unwrap();
+        assert!(!e.is_fast());
         assert_eq!(e.fields, Fields::Some(vec!["country".into()]));
         let m = msg(json!({"country": "de", "other": [1, 2, 3]}));
         assert_eq!(e.eval(&m).unwrap().as_ref(), &json!("DE"));
@@ -604,14 +709,34 @@ mod tests {
     fn scalar() -> impl Strategy<Value = Value> {
         prop_oneof![
             any::<i32>().prop_map(|i| json!(i)),
+            Just(json!(0)),
+            Just(json!(i64::MAX)),
             (-1000.0f64..1000.0).prop_map(|f| json!(f)),
-            "[a-c]{0,2}".prop_map(Value::String),
+            "[a-cA-Cé]{0,3}".prop_map(Value::String),
             any::<bool>().prop_map(Value::Bool),
             Just(Value::Null),
         ]
     }
 
     proptest! {
+        /// Arithmetic and functions: the fast path and CEL agree wherever the fast path answers.
+        #[test]
+        fn fast_arithmetic_agrees_with_cel(a in scalar(), b in scalar(), op in 0usize..14) {
+            let src = [
+                "msg.a + msg.b", "msg.a - msg.b", "msg.a * msg.b", "msg.a / msg.b", "msg.a % msg.b",
+                "-msg.a", "double(msg.a) * 0.5", "int(msg.a) + 1", "size(msg.a)", "msg.a.size()",
+                "msg.a.upperAscii()", "msg.b.lowerAscii() + 'x'", "msg.a * 2 > msg.b", "double(msg.b)",
+            ][op];
+            let e = Expression::parse(src).unwrap();
+            prop_assert!(e.is_fast(), "{}", src);
+            let m = msg(json!({"a": a, "b": b}));
+            let json = m.payload.json().unwrap();
+            if let Ok(v) = eval_fast(e.fast.as_ref().unwrap(), Some(json), &m) {
+                let cel = e.eval_cel(Some(json), &m);
+                prop_assert_eq!(Ok(v.into_owned()), cel, "{}", src);
+            }
+        }
+
         /// The fast path and CEL agree wherever the fast path answers.
         #[test]
         fn fast_path_agrees_with_cel(a in scalar(), b in scalar(), has_b in any::<bool>(), op in 0usize..10) {
