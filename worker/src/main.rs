@@ -17,6 +17,7 @@ use sluice_worker::{
     metrics::Metrics,
     pipeline::Pipeline,
     pool::{PoolConfig, Snapshots},
+    retry::{Backoff, RetryingSink},
     runtime::Runtime,
     sink::{
         Sink, file::FileSink, kafka::KafkaSink, nats::NatsSink, null::LogSink, redis::RedisSink, stdout::StdoutSink,
@@ -207,6 +208,15 @@ async fn run(
             },
         },
     };
+    // Broker sinks retry transient errors behind a circuit breaker and turn
+    // /readyz false while they fail (runtime sets it true when it starts).
+    let ready = Arc::new(AtomicBool::new(false));
+    let backoff = spec.dead_letter.as_ref().map_or_else(
+        || Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+        |d| Backoff::from_spec(&d.backoff),
+    );
+    let sink: Box<dyn Sink> = Box::new(RetryingSink::new(sink, backoff.clone(), ready.clone()));
+    let dead_letters: Box<dyn Sink> = Box::new(RetryingSink::new(dead_letters, backoff, ready.clone()));
     let snapshots = match spec.state.as_ref() {
         Some(s) if s.backend == sluice_crds::StateBackend::Redis => {
             let url = s.redis.as_ref().map(|r| r.url.clone()).unwrap_or_default();
@@ -222,7 +232,6 @@ async fn run(
     };
 
     let metrics = Metrics::new(prometheus::Registry::new())?;
-    let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
     let http_stop = CancellationToken::new();
     match http::bind(cfg.http_addr).await {

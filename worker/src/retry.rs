@@ -277,3 +277,163 @@ mod tests {
         assert_eq!(backoff.attempts(), 2, "two sleeps between three attempts");
     }
 }
+
+/// A sink that retries transient errors (broker errors, I/O) for ever with
+/// jittered backoff behind a circuit breaker, and reports the sink's health:
+/// `healthy` turns false at the first failure (so `/readyz` says not ready
+/// while the broker is unreachable) and true again after the next success.
+/// Permanent errors (configuration) return at once. While it retries, the
+/// sink stage does not take more work: backpressure up to the source.
+pub struct RetryingSink {
+    inner: Box<dyn crate::sink::Sink>,
+    backoff: Backoff,
+    breaker: CircuitBreaker,
+    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Consecutive failures that open the breaker, and how long it stays open.
+pub const BREAKER_THRESHOLD: u32 = 5;
+pub const BREAKER_COOL_DOWN: Duration = Duration::from_secs(5);
+
+impl RetryingSink {
+    pub fn new(
+        inner: Box<dyn crate::sink::Sink>,
+        backoff: Backoff,
+        healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Self { inner, backoff, breaker: CircuitBreaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN), healthy }
+    }
+
+    fn transient(e: &crate::sink::SinkError) -> bool {
+        matches!(e, crate::sink::SinkError::Broker { .. } | crate::sink::SinkError::Io { .. })
+    }
+
+    async fn write_retrying(&mut self, batch: &[crate::message::Message]) -> Result<(), crate::sink::SinkError> {
+        use std::sync::atomic::Ordering;
+        loop {
+            while !self.breaker.allow() {
+                tokio::time::sleep(self.breaker.wait_time().max(Duration::from_millis(1))).await;
+            }
+            match self.inner.write(batch).await {
+                Ok(()) => {
+                    self.breaker.record_success();
+                    self.backoff.reset();
+                    if !self.healthy.swap(true, Ordering::Relaxed) {
+                        tracing::info!(sink = self.inner.kind(), "sink reachable again; ready");
+                    }
+                    return Ok(());
+                }
+                Err(e) if Self::transient(&e) => {
+                    self.breaker.record_failure();
+                    self.healthy.store(false, Ordering::Relaxed);
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(sink = self.inner.kind(), attempt = self.backoff.attempts(), error = %e, ?delay,
+                        messages = batch.len(), "sink write failed; not ready, retrying the batch after a backoff");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl crate::sink::Sink for RetryingSink {
+    fn write<'a>(
+        &'a mut self,
+        batch: &'a [crate::message::Message],
+    ) -> futures::future::BoxFuture<'a, Result<(), crate::sink::SinkError>> {
+        Box::pin(self.write_retrying(batch))
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+}
+
+#[cfg(test)]
+mod sink_tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    };
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::{
+        message::Message,
+        sink::{Sink, SinkError},
+    };
+
+    /// Fails `failures` times with a broker error, then delivers.
+    struct FlakySink {
+        failures: u32,
+        calls: Arc<AtomicU32>,
+        healthy_seen: Arc<AtomicBool>,
+        healthy: Arc<AtomicBool>,
+    }
+
+    impl Sink for FlakySink {
+        fn write<'a>(&'a mut self, _batch: &'a [Message]) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst);
+                if n > 0 && self.healthy.load(Ordering::SeqCst) {
+                    self.healthy_seen.store(true, Ordering::SeqCst);
+                }
+                if n < self.failures {
+                    Err(SinkError::Broker { kind: "test", target: "t".into(), detail: "down".into() })
+                } else {
+                    Ok(())
+                }
+            })
+        }
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_errors_retry_until_delivered_and_readiness_follows() {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let calls = Arc::new(AtomicU32::new(0));
+        let healthy_seen = Arc::new(AtomicBool::new(false));
+        let flaky = FlakySink {
+            failures: 8,
+            calls: calls.clone(),
+            healthy_seen: healthy_seen.clone(),
+            healthy: healthy.clone(),
+        };
+        let mut sink = RetryingSink::new(
+            Box::new(flaky),
+            Backoff::with_seed(Duration::from_millis(10), Duration::from_millis(100), 9),
+            healthy.clone(),
+        );
+        let start = Instant::now();
+        sink.write(&[Message::new(0, 1, b"{}".to_vec())]).await.expect("delivered in the end");
+        assert_eq!(calls.load(Ordering::SeqCst), 9);
+        assert!(!healthy_seen.load(Ordering::SeqCst), "not ready while failing");
+        assert!(healthy.load(Ordering::SeqCst), "ready again after the success");
+        // 8 failures opened the breaker (threshold 5): at least one cool-down passed.
+        assert!(start.elapsed() >= BREAKER_COOL_DOWN, "{:?}", start.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_return_at_once() {
+        struct Broken;
+        impl Sink for Broken {
+            fn write<'a>(&'a mut self, _b: &'a [Message]) -> BoxFuture<'a, Result<(), SinkError>> {
+                Box::pin(async { Err(SinkError::Config { field: "spec.sink", detail: "bad".into() }) })
+            }
+            fn kind(&self) -> &'static str {
+                "broken"
+            }
+        }
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut sink = RetryingSink::new(
+            Box::new(Broken),
+            Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
+            healthy,
+        );
+        assert!(sink.write(&[]).await.is_err());
+    }
+}

@@ -31,12 +31,16 @@ struct Worker {
 
 impl Worker {
     fn start(spec: &Path, log: PathBuf, pod: &str) -> Worker {
+        Self::start_on(spec, log, pod, "127.0.0.1:0")
+    }
+
+    fn start_on(spec: &Path, log: PathBuf, pod: &str, http: &str) -> Worker {
         let out = File::options().create(true).append(true).open(&log).expect("worker log file");
         let err = out.try_clone().expect("worker log file");
         let child = Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
             .arg("run")
             .arg(spec)
-            .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
+            .env("SLUICE_HTTP_ADDR", http)
             .env("LOG_LEVEL", "info")
             .env("POD_NAME", pod)
             .stdin(Stdio::null())
@@ -353,4 +357,64 @@ fn server_restart_mid_stream_recovers_by_itself() {
     let duplicates = check_output(&entries, N);
     assert_eq!(wait_until_acked(&redis, "restart"), 0);
     eprintln!("server restart after {before} ids: {} out, {duplicates} duplicates", entries.len());
+}
+
+/// GET /readyz: the status line's code, or None while nothing listens.
+fn readyz(addr: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET /readyz HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn wait_for_readyz(addr: &str, code: u16, worker: &mut Worker) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        worker.assert_running();
+        if readyz(addr) == Some(code) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/readyz never answered {code}; the worker's log:\n{}", worker.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sink_outage_retries_behind_the_breaker_and_readiness_follows() {
+    let source = Redis::start();
+    let mut sink = Redis::start_with(RedisConfig {
+        directives: [("appendonly", "yes"), ("appendfsync", "always"), ("protected-mode", "no"), ("daemonize", "no")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    })
+    .expect("sink redis");
+    const N: u64 = 20_000;
+    produce(&source, 0..N / 2);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(&source, "outage", None);
+    s["sink"]["redis"]["url"] = json!(sink.url());
+    s["deadLetter"] =
+        json!({"redis": {"url": source.url(), "stream": "dlq"}, "backoff": {"initial": "50ms", "max": "500ms"}});
+    let spec = write_spec(dir.path(), &s);
+    let http = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").to_string()
+    };
+    let mut worker = Worker::start_on(&spec, dir.path().join("worker.log"), "pod-a", &http);
+    wait_for_ids(&sink, "out", (N / 2) as usize, &mut worker);
+    wait_for_readyz(&http, 200, &mut worker);
+    sink.stop();
+    produce(&source, N / 2..N);
+    wait_for_readyz(&http, 503, &mut worker);
+    sink.restart().expect("sink redis restart");
+    wait_for_readyz(&http, 200, &mut worker);
+    let entries = wait_for_ids(&sink, "out", N as usize, &mut worker);
+    let duplicates = check_output_unordered(&entries, N);
+    assert_eq!(wait_until_acked(&source, "outage"), 0);
+    eprintln!("sink outage: not ready while down, ready after; {} out, {duplicates} duplicates", entries.len());
 }
