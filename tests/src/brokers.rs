@@ -79,11 +79,19 @@ pub struct KafkaConfig {
     /// JVM maximum heap (`-Xmx`).
     pub heap: String,
     pub start_timeout: Duration,
+    /// Address of the client listener, also advertised: 127.0.0.1, or this
+    /// machine's own address when pods of the local cluster must reach it.
+    pub host: std::net::Ipv4Addr,
 }
 
 impl Default for KafkaConfig {
     fn default() -> Self {
-        Self { properties: BTreeMap::new(), heap: "512m".into(), start_timeout: DEFAULT_START_TIMEOUT }
+        Self {
+            properties: BTreeMap::new(),
+            heap: "512m".into(),
+            start_timeout: DEFAULT_START_TIMEOUT,
+            host: std::net::Ipv4Addr::LOCALHOST,
+        }
     }
 }
 
@@ -96,6 +104,7 @@ pub struct Kafka {
     broker_port: u16,
     controller_port: u16,
     start_timeout: Duration,
+    host: std::net::Ipv4Addr,
     dir: TempDir,
 }
 
@@ -123,6 +132,7 @@ impl Kafka {
         let properties = render(
             KAFKA_SERVER_PROPERTIES,
             &[
+                ("host", &config.host.to_string()),
                 ("broker_port", &broker_port.to_string()),
                 ("controller_port", &controller_port.to_string()),
                 ("log_dir", &data_dir.display().to_string()),
@@ -162,6 +172,7 @@ impl Kafka {
             broker_port,
             controller_port,
             start_timeout: config.start_timeout,
+            host: config.host,
             dir,
         };
         kafka.launch()?;
@@ -173,7 +184,7 @@ impl Kafka {
         self.process.spawn()?;
         let bootstrap = self.bootstrap();
         let broker_port = self.broker_port;
-        let addr = local(broker_port);
+        let addr = std::net::SocketAddr::from((self.host, broker_port));
         let mut client: Option<BaseConsumer> = None;
         self.process.wait_ready(self.start_timeout, || {
             tcp_accepts(addr)?;
@@ -194,7 +205,7 @@ impl Kafka {
 
     /// `host:port` for `bootstrap.servers`.
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.broker_port)
+        format!("{}:{}", self.host, self.broker_port)
     }
 
     pub fn broker_port(&self) -> u16 {

@@ -34,17 +34,24 @@ pub enum ApplyError {
 
 pub async fn apply_all(ctx: &Context, sp: &StreamProcessor, replicas: i32) -> Result<(), ApplyError> {
     let s = &ctx.stores;
-    ensure(ctx, &s.configmaps, build::configmap(sp), |_, _| true).await?;
-    match build::service_account(sp) {
-        Some(sa) => ensure(ctx, &s.service_accounts, sa, |_, _| true).await?,
-        None => prune(ctx, &s.service_accounts, sp).await?,
-    }
-    ensure(ctx, &s.roles, build::role(sp), |_, _| true).await?;
-    ensure(ctx, &s.role_bindings, build::role_binding(sp), |_, _| true).await?;
-    ensure(ctx, &s.services, build::service(sp), |_, _| true).await?;
-    ensure(ctx, &s.pdbs, build::pdb(sp), |_, _| true).await?;
+    // The objects do not depend on each other (pods wait for their ConfigMap
+    // and ServiceAccount), so they are applied at once: one round trip, not seven.
+    let service_account = async {
+        match build::service_account(sp) {
+            Some(sa) => ensure(ctx, &s.service_accounts, sa, |_, _| true).await,
+            None => prune(ctx, &s.service_accounts, sp).await,
+        }
+    };
     let deployment = build::deployment(sp, &ctx.settings, replicas);
-    ensure(ctx, &s.deployments, deployment, |live, want| live.spec.replicas == want.spec.replicas).await?;
+    futures::try_join!(
+        ensure(ctx, &s.configmaps, build::configmap(sp), |_, _| true),
+        service_account,
+        ensure(ctx, &s.roles, build::role(sp), |_, _| true),
+        ensure(ctx, &s.role_bindings, build::role_binding(sp), |_, _| true),
+        ensure(ctx, &s.services, build::service(sp), |_, _| true),
+        ensure(ctx, &s.pdbs, build::pdb(sp), |_, _| true),
+        ensure(ctx, &s.deployments, deployment, |live, want| live.spec.replicas == want.spec.replicas),
+    )?;
     Ok(())
 }
 

@@ -75,7 +75,16 @@ pub async fn report(
     };
     let conditions = status::conditions(old.map(|s| s.conditions.as_slice()).unwrap_or(&[]), &observed, &now);
 
+    // Only a ready worker can hold the Lease; and between polls the last
+    // answer stands, so a steady state costs no reads either.
+    let ready_now = live.and_then(|d| d.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0);
+    let polled = decision.is_some() && replicas.is_some_and(|r| r.polled);
+    let ask = ready_now > 0
+        && (polled
+            || old.and_then(|o| o.leader.as_ref()).is_none()
+            || old.is_some_and(|o| o.ready_replicas != ready_now));
     let leader = match live {
+        Some(_) if !ask => old.and_then(|o| o.leader.clone()).filter(|_| ready_now > 0),
         Some(_) => {
             let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
             let lease_name = build::lease_name(sp);

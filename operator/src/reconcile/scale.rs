@@ -35,6 +35,8 @@ pub struct Replicas {
     pub problems: Vec<Problem>,
     /// Set when this reconcile changed the replica count.
     pub changed_from: Option<i32>,
+    /// The broker was asked this time (not a cached answer).
+    pub polled: bool,
     pub requeue: Duration,
 }
 
@@ -52,6 +54,7 @@ pub async fn decide(
             decision: None,
             problems: vec![],
             changed_from: (exists && desired != current).then_some(current),
+            polled: false,
             requeue: RESYNC,
         };
     };
@@ -122,6 +125,7 @@ pub async fn decide(
         decision,
         problems,
         changed_from: (exists && desired != current).then_some(current),
+        polled: due,
         requeue: Duration::from_millis(poll_ms.saturating_sub(elapsed).max(500)),
     }
 }
