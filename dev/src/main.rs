@@ -73,8 +73,16 @@ fn up_pid_path(state: &Path) -> PathBuf {
     state.join("up.pid")
 }
 
+/// Running (a zombie whose parent has not reaped it yet counts as gone).
 fn pid_alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    // /proc/<pid>/stat: "pid (comm) S ..."; comm may contain spaces.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) != Some('Z'),
+        Err(_) => false,
+    }
 }
 
 #[tokio::main]
