@@ -48,9 +48,7 @@ fn cel_filter(c: &mut Criterion) {
     let e = Expression::parse("msg.type != 'ignore' && msg.amount > 0").expect("expr");
     let mut g = c.benchmark_group("cel_filter");
     g.throughput(Throughput::Elements(msgs.len() as u64));
-    g.bench_function("fast_path", |b| {
-        b.iter(|| msgs.iter().filter(|m| e.eval_bool(m).unwrap_or(false)).count())
-    });
+    g.bench_function("fast_path", |b| b.iter(|| msgs.iter().filter(|m| e.eval_bool(m).unwrap_or(false)).count()));
     g.bench_function("cel_only_fields_read", |b| {
         b.iter(|| msgs.iter().filter(|m| e.eval_cel(m.payload.json().ok(), m).is_ok_and(|v| v == true)).count())
     });
@@ -76,7 +74,9 @@ fn map(c: &mut Criterion) {
         "drop": ["type"]}}]));
     let mut g = c.benchmark_group("map");
     g.throughput(Throughput::Elements(msgs.len() as u64));
-    g.bench_function("set_two_drop_one", |b| b.iter_batched(|| msgs.clone(), |m| run(&mut p, m), BatchSize::LargeInput));
+    g.bench_function("set_two_drop_one", |b| {
+        b.iter_batched(|| msgs.clone(), |m| run(&mut p, m), BatchSize::LargeInput)
+    });
     g.finish();
 }
 

@@ -44,8 +44,16 @@ pub enum Work {
     Flush,
 }
 
-/// What the pool hands to the sink stage.
-pub type Outputs = Vec<Output>;
+/// What the pool hands to the sink stage: the outputs of some work, and the
+/// commit limits of the partitions this task owns.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    pub outputs: Vec<Output>,
+    /// (partition, hold): offsets at or above `hold` are not finished yet
+    /// (open windows need them, or the last snapshot does not cover them);
+    /// `None` lifts the limit.
+    pub holds: Vec<(i32, Option<i64>)>,
+}
 
 /// Where state snapshots go, and how often.
 #[derive(Clone)]
@@ -156,6 +164,8 @@ pub fn start(
             tick: cfg.tick,
             snapshots: cfg.snapshots.clone(),
             state_keys: 0,
+            holds: Default::default(),
+            saved: Default::default(),
         };
         handles.push(tokio::spawn(task.run()));
     }
@@ -172,6 +182,10 @@ struct PoolTask {
     tick: Duration,
     snapshots: Option<Snapshots>,
     state_keys: i64,
+    /// Holds last sent to the sink stage.
+    holds: std::collections::BTreeMap<i32, Option<i64>>,
+    /// Per partition, the position of the last snapshot saved.
+    saved: std::collections::BTreeMap<i32, i64>,
 }
 
 impl PoolTask {
@@ -229,10 +243,12 @@ impl PoolTask {
                 return;
             }
         }
-        // Queue closed: shutting down. Keep state for whoever takes over.
+        // Queue closed: shutting down. Keep state for whoever takes over,
+        // then tell the sink stage how far that lets it commit.
         for p in self.pipeline.stateful_partitions() {
             self.save(p).await;
         }
+        self.emit(Vec::new(), &Tally::default()).await;
         tracing::debug!(task = self.id, "pool task drained");
     }
 
@@ -248,24 +264,45 @@ impl PoolTask {
         self.emit(out, &tally).await
     }
 
-    async fn emit(&mut self, out: Outputs, tally: &Tally) -> bool {
+    /// Commit limits per partition: below the oldest open window's first
+    /// offset, and (with snapshots) below the last snapshot's position, so
+    /// that a restart replays whatever the restored state lacks.
+    fn holds(&mut self) -> Vec<(i32, Option<i64>)> {
+        let mut changed = Vec::new();
+        for (p, (held, _next)) in self.pipeline.positions() {
+            let cap = if self.snapshots.is_some() { self.saved.get(&p).copied() } else { None };
+            let hold = match (held, cap) {
+                (Some(h), Some(c)) => Some(h.min(c)),
+                (h, c) => h.or(c),
+            };
+            if self.holds.get(&p) != Some(&hold) {
+                self.holds.insert(p, hold);
+                changed.push((p, hold));
+            }
+        }
+        changed
+    }
+
+    async fn emit(&mut self, out: Vec<Output>, tally: &Tally) -> bool {
         self.metrics.add(tally);
         // This task's share of the state-keys gauge.
         let keys = self.pipeline.state_keys() as i64;
         self.metrics.state_keys.add(keys - self.state_keys);
         self.state_keys = keys;
-        if out.is_empty() {
+        let holds = self.holds();
+        if out.is_empty() && holds.is_empty() {
             return true;
         }
-        if self.sink.send(out).await.is_err() {
+        if self.sink.send(Outputs { outputs: out, holds }).await.is_err() {
             tracing::error!(task = self.id, "sink stage is gone; stopping this pool task");
             return false;
         }
         true
     }
 
-    async fn save(&self, partition: i32) {
+    async fn save(&mut self, partition: i32) {
         let Some(s) = &self.snapshots else { return };
+        let position = self.pipeline.positions().get(&partition).and_then(|(_, next)| *next);
         let entries: Vec<(String, Vec<u8>)> = self
             .pipeline
             .snapshot(partition)
@@ -276,7 +313,12 @@ impl PoolTask {
             return;
         }
         match s.store.put_many(entries, s.ttl).await {
-            Ok(()) => tracing::debug!(task = self.id, partition, "state snapshot saved"),
+            Ok(()) => {
+                if let Some(pos) = position {
+                    self.saved.insert(partition, pos);
+                }
+                tracing::debug!(task = self.id, partition, ?position, "state snapshot saved");
+            }
             Err(e) => tracing::warn!(task = self.id, partition, error = %e,
                 "state snapshot failed; keeping the previous one and retrying at the next interval"),
         }

@@ -215,8 +215,10 @@ async fn sink_stage(
     let mut results = Vec::new();
     let mut dead = Vec::new();
     let mut finished = Vec::new();
-    while let Some(outputs) = rx.recv().await {
-        for o in outputs {
+    let mut holds: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
+    while let Some(batch) = rx.recv().await {
+        for o in batch.outputs {
             match o {
                 Output::Deliver(m, ack) => {
                     finished.extend(ack);
@@ -240,21 +242,40 @@ async fn sink_stage(
             summary.dead_lettered += dead.len() as u64;
             dead.clear();
         }
-        // Delivered (or dead-lettered): now, and only now, finished.
-        let commits = {
+        // Delivered (or dead-lettered): now, and only now, finished. Open
+        // windows hold their offsets back until their results are delivered.
+        let mut touched: Vec<i32> = batch.holds.iter().map(|(p, _)| *p).collect();
+        for (p, hold) in batch.holds {
+            match hold {
+                Some(h) => holds.insert(p, h),
+                None => holds.remove(&p),
+            };
+        }
+        let commits: Vec<(i32, i64)> = {
             let mut t = tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             for a in finished.drain(..) {
                 t.finish(a.partition, a.offset);
             }
-            t.take_commits()
+            touched.extend(t.take_commits().into_iter().map(|(p, _)| p));
+            touched.sort_unstable();
+            touched.dedup();
+            touched
+                .into_iter()
+                .filter_map(|p| {
+                    let point = t.commit_point(p)?;
+                    let point = holds.get(&p).map_or(point, |h| point.min(*h));
+                    (committed.get(&p).is_none_or(|c| point > *c)).then_some((p, point))
+                })
+                .collect()
         };
         if !commits.is_empty() {
             match acker.commit(&commits).await {
                 Ok(()) => {
                     metrics.commits.inc();
+                    committed.extend(commits.iter().copied());
                     summary.committed.extend(commits);
                 }
-                // A failed commit is retried by the next one (positions only grow).
+                // Positions only grow: the next commit carries these forward.
                 Err(e) => tracing::warn!(error = %e, "commit failed; the next commit will carry these positions"),
             }
         }

@@ -219,3 +219,36 @@ fn filter_spec_all() -> sluice_crds::StreamProcessorSpec {
         "pipeline": [{"filter": "msg.seq >= 0"}]
     }))
 }
+
+#[tokio::test(start_paused = true)]
+async fn open_windows_hold_their_offsets_back_from_commit() {
+    let events: Vec<_> = [(1, 5), (2, 6), (15, 7), (25, 8)]
+        .iter()
+        .enumerate()
+        .map(|(i, (ts, v))| json_msg(0, i as i64, json!({"ts": ts, "v": v})))
+        .collect();
+    let mut source = ScriptedSource::new(vec![SourceEvent::Assigned(vec![0]), SourceEvent::Batch(events)]);
+    source.hang = true;
+    let acker = source.acker.clone();
+    let sink = CollectSink::new();
+    let stop = CancellationToken::new();
+    let p = Pipeline::compile(&spec(json!({
+        "source": {"generator": {"template": {"a": "seq"}}}, "sink": {"stdout": {}},
+        "pipeline": [{"window": {"type": "tumbling", "size": "10ms", "time": {"field": "msg.ts"}, "aggregate": {"sum": "msg.v"}}}]
+    })))
+    .unwrap();
+    let run = tokio::spawn({
+        let (sink, stop) = (sink.clone(), stop.clone());
+        async move { runtime(2, None).run(Box::new(source), p, Box::new(sink), Box::new(NullSink::default()), stop).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sink.payloads().await.len(), 2, "[0,10) and [10,20) fired");
+    assert_eq!(
+        acker.committed.lock().unwrap().get(&0),
+        Some(&3),
+        "offset 3 sits in the open window [20,30): not delivered, not committed"
+    );
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(acker.committed.lock().unwrap().get(&0), Some(&3), "a restart replays the open window");
+}

@@ -172,13 +172,17 @@ fn main() {
     let (took, _) = run_pipeline(&mut Pipeline::compile(&spec(json!([]))).expect("empty"), msgs.clone());
     report("no steps", n, took, Some(target));
 
-    let (took, _) = run_pipeline(&mut Pipeline::compile(&spec(json!([{"filter": FILTER}]))).expect("filter"), msgs.clone());
+    let (took, _) =
+        run_pipeline(&mut Pipeline::compile(&spec(json!([{"filter": FILTER}]))).expect("filter"), msgs.clone());
     report("filter (fast path)", n, took, Some(target));
 
     let mut p = Pipeline::compile(&spec(workload())).expect("workload");
     let (took, tally) = run_pipeline(&mut p, msgs.clone());
     let engine = report("filter + keyed tumbling count", n, took, Some(target));
-    eprintln!("  (filtered {}, windowed {}, windows emitted {})", tally.filtered, tally.windowed, tally.windows_emitted);
+    eprintln!(
+        "  (filtered {}, windowed {}, windows emitted {})",
+        tally.filtered, tally.windowed, tally.windows_emitted
+    );
 
     let took = naive(&msgs);
     let slow = report("same, naive CEL (whole payload)", n, took, Some(target));

@@ -19,7 +19,7 @@ pub mod filter;
 pub mod map;
 pub mod window;
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use sluice_crds::StreamProcessorSpec;
 
@@ -334,6 +334,26 @@ impl Pipeline {
                 _ => 0,
             })
             .sum()
+    }
+
+    /// Per partition with window state: the oldest source offset its open
+    /// windows hold (the commit point must stay at or below it), and one past
+    /// the newest offset they took in (a snapshot's position).
+    pub fn positions(&self) -> BTreeMap<i32, (Option<i64>, Option<i64>)> {
+        let mut out: BTreeMap<i32, (Option<i64>, Option<i64>)> = BTreeMap::new();
+        let min = |a: Option<i64>, b: Option<i64>| match (a, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+        for s in &self.steps {
+            if let StepKind::Window(w) = &s.kind {
+                for (p, held, next) in w.positions() {
+                    let e = out.entry(p).or_insert((held, next));
+                    *e = (min(e.0, held), min(e.1, next));
+                }
+            }
+        }
+        out
     }
 
     /// Snapshots of one partition's state: (step index, bytes).

@@ -28,6 +28,8 @@ pub struct ScriptedSource {
     pub endless: Option<Box<dyn FnMut(usize) -> Vec<Message> + Send>>,
     pub fetched: Arc<AtomicUsize>,
     pub acker: Arc<MemoryAcker>,
+    /// After the script: wait forever (a live source with nothing new) instead of ending.
+    pub hang: bool,
 }
 
 impl ScriptedSource {
@@ -37,6 +39,7 @@ impl ScriptedSource {
             endless: None,
             fetched: Arc::new(AtomicUsize::new(0)),
             acker: Arc::new(MemoryAcker::default()),
+            hang: false,
         }
     }
 }
@@ -47,6 +50,9 @@ impl Source for ScriptedSource {
             self.fetched.fetch_add(1, Ordering::SeqCst);
             if let Some(e) = self.events.pop_front() {
                 return Ok(e);
+            }
+            if self.hang {
+                futures::future::pending::<()>().await;
             }
             match &mut self.endless {
                 Some(f) => Ok(SourceEvent::Batch(f(max))),

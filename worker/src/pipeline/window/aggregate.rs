@@ -28,6 +28,9 @@ pub struct Wanted {
 /// One event's inputs to the aggregates (each the value of its expression).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Inputs {
+    /// The event's source offset: the window holds it back from commit
+    /// until the window's result is emitted.
+    pub offset: Option<i64>,
     pub sum: Option<Value>,
     pub min: Option<Value>,
     pub max: Option<Value>,
@@ -114,6 +117,10 @@ struct Stamped {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Accumulator {
     pub count: u64,
+    /// The smallest source offset in this window (offsets of a partition
+    /// arrive in increasing order, so it is the first event's).
+    #[serde(default)]
+    pub first_offset: Option<i64>,
     sum: Option<Sum>,
     min: Option<Value>,
     max: Option<Value>,
@@ -127,6 +134,9 @@ impl Accumulator {
     /// Add one event (already `check`ed), at event time `ts`, arrival `seq`.
     pub fn add(&mut self, inputs: &Inputs, ts: i64, seq: u64) {
         self.count += 1;
+        if let Some(o) = inputs.offset {
+            self.first_offset = Some(self.first_offset.map_or(o, |f| f.min(o)));
+        }
         if let Some(Value::Number(n)) = &inputs.sum {
             self.sum.get_or_insert_with(Sum::default).add(n);
         }
@@ -165,6 +175,10 @@ impl Accumulator {
     /// Fold another window's aggregates in (sessions that merge).
     pub fn merge(&mut self, o: Accumulator) {
         self.count += o.count;
+        self.first_offset = match (self.first_offset, o.first_offset) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         match (&mut self.sum, o.sum) {
             (Some(a), Some(b)) => a.merge(&b),
             (a @ None, b) => *a = b,
@@ -230,6 +244,34 @@ impl Accumulator {
     }
 }
 
+/// The first offsets of open windows, as a multiset: its minimum is the
+/// oldest source position a partition's windows still need.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Held(std::collections::BTreeMap<i64, u32>);
+
+impl Held {
+    pub fn insert(&mut self, offset: Option<i64>) {
+        if let Some(o) = offset {
+            *self.0.entry(o).or_default() += 1;
+        }
+    }
+
+    pub fn remove(&mut self, offset: Option<i64>) {
+        if let Some(o) = offset
+            && let std::collections::btree_map::Entry::Occupied(mut e) = self.0.entry(o)
+        {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    pub fn min(&self) -> Option<i64> {
+        self.0.keys().next().copied()
+    }
+}
+
 /// A total order on JSON values for min/max: by type, then by value.
 pub fn json_cmp(a: &Value, b: &Value) -> std::cmp::Ordering {
     use super::key::WindowKey;
@@ -257,6 +299,7 @@ mod tests {
 
     fn inputs(v: Value) -> Inputs {
         Inputs {
+            offset: None,
             sum: Some(v.clone()),
             min: Some(v.clone()),
             max: Some(v.clone()),

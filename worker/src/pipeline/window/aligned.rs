@@ -9,7 +9,11 @@ use std::collections::BTreeMap;
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
-use super::{Fired, aggregate::Accumulator, aggregate::Inputs, key::WindowKey};
+use super::{
+    Fired,
+    aggregate::{Accumulator, Held, Inputs},
+    key::WindowKey,
+};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AlignedWindows {
@@ -20,13 +24,15 @@ pub struct AlignedWindows {
 
 impl AlignedWindows {
     /// Add an event to window (start, end) unless that window already fired.
-    pub fn add(&mut self, start: i64, end: i64, key: &WindowKey, inputs: &Inputs, ts: i64, seq: u64) {
+    #[allow(clippy::too_many_arguments)] // the event's parts, passed apart to avoid building a struct per window
+    pub fn add(&mut self, start: i64, end: i64, key: &WindowKey, inputs: &Inputs, ts: i64, seq: u64, held: &mut Held) {
         let keys = self.windows.entry((end, start)).or_default();
         match keys.get_mut(key) {
             Some(acc) => acc.add(inputs, ts, seq),
             None => {
                 let mut acc = Accumulator::default();
                 acc.add(inputs, ts, seq);
+                held.insert(acc.first_offset);
                 keys.insert(key.clone(), acc);
             }
         }

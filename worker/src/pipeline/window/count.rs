@@ -4,7 +4,11 @@
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
-use super::{Fired, aggregate::Accumulator, aggregate::Inputs, key::WindowKey};
+use super::{
+    Fired,
+    aggregate::{Accumulator, Held, Inputs},
+    key::WindowKey,
+};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CountWindows {
@@ -13,12 +17,26 @@ pub struct CountWindows {
 }
 
 impl CountWindows {
-    pub fn add(&mut self, n: u64, key: &WindowKey, inputs: &Inputs, ts: i64, seq: u64, out: &mut Vec<Fired>) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(
+        &mut self,
+        n: u64,
+        key: &WindowKey,
+        inputs: &Inputs,
+        ts: i64,
+        seq: u64,
+        held: &mut Held,
+        out: &mut Vec<Fired>,
+    ) {
         let acc = match self.keys.get_mut(key) {
             Some(acc) => acc,
             None => self.keys.entry(key.clone()).or_default(),
         };
+        let new = acc.count == 0;
         acc.add(inputs, ts, seq);
+        if new {
+            held.insert(acc.first_offset);
+        }
         if acc.count >= n
             && let Some(acc) = self.keys.remove(key)
         {

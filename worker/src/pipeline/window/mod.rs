@@ -40,7 +40,7 @@ use serde_json::Value;
 use sluice_crds::{Window, WindowType};
 
 use self::{
-    aggregate::{Accumulator, AggregateError, Inputs, Wanted},
+    aggregate::{Accumulator, AggregateError, Held, Inputs, Wanted},
     aligned::AlignedWindows,
     count::CountWindows,
     key::WindowKey,
@@ -92,6 +92,9 @@ pub enum Kind {
 pub enum Admit {
     Accepted,
     Late,
+    /// Already in the windows: an offset below the restored snapshot's
+    /// position, redelivered after a restart.
+    Replayed,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -112,6 +115,13 @@ pub struct PartitionWindows {
     max_ts: Option<i64>,
     seq: u64,
     store: Store,
+    /// First offsets of the open windows (commit must not pass the smallest).
+    #[serde(default)]
+    held: Held,
+    /// One past the last source offset taken in: after a restore, smaller
+    /// offsets are already in the windows.
+    #[serde(default)]
+    next_offset: Option<i64>,
 }
 
 fn default_kind() -> Kind {
@@ -125,7 +135,7 @@ impl PartitionWindows {
             Kind::Session { .. } => Store::Session(SessionWindows::default()),
             Kind::Count { .. } => Store::Count(CountWindows::default()),
         };
-        Self { kind, lateness, max_ts: None, seq: 0, store }
+        Self { kind, lateness, max_ts: None, seq: 0, store, held: Held::default(), next_offset: None }
     }
 
     /// Restore from a snapshot taken by `snapshot` with the same spec.
@@ -145,8 +155,42 @@ impl PartitionWindows {
         self.max_ts.map(|m| m.saturating_sub(self.lateness))
     }
 
+    /// The oldest source offset the open windows still need: commits stay below it.
+    pub fn held(&self) -> Option<i64> {
+        self.held.min()
+    }
+
+    /// One past the last offset taken in (the snapshot's position).
+    pub fn next_offset(&self) -> Option<i64> {
+        self.next_offset
+    }
+
     /// One event. Fired windows are appended to `out`.
     pub fn add(&mut self, key: &WindowKey, ts: i64, inputs: &Inputs, out: &mut Vec<Fired>) -> Admit {
+        if let Some(o) = inputs.offset
+            && self.next_offset.is_some_and(|n| o < n)
+        {
+            return Admit::Replayed;
+        }
+        let before = out.len();
+        let admit = self.admit(key, ts, inputs, out);
+        if admit == Admit::Accepted
+            && let Some(o) = inputs.offset
+        {
+            self.next_offset = Some(o + 1);
+        }
+        self.release(before, out);
+        admit
+    }
+
+    /// Fired windows no longer hold their offsets back.
+    fn release(&mut self, from: usize, out: &[Fired]) {
+        for f in &out[from..] {
+            self.held.remove(f.acc.first_offset);
+        }
+    }
+
+    fn admit(&mut self, key: &WindowKey, ts: i64, inputs: &Inputs, out: &mut Vec<Fired>) -> Admit {
         let wm = self.watermark();
         let seq = self.seq;
         match (self.kind, &mut self.store) {
@@ -155,7 +199,7 @@ impl PartitionWindows {
                     return Admit::Late;
                 }
                 let (start, end) = tumbling::assign(ts, size);
-                w.add(start, end, key, inputs, ts, seq);
+                w.add(start, end, key, inputs, ts, seq, &mut self.held);
             }
             (Kind::Sliding { size, slide }, Store::Aligned(w)) => {
                 if sliding::is_late(ts, size, slide, wm) {
@@ -163,7 +207,7 @@ impl PartitionWindows {
                 }
                 for (start, end) in sliding::assign(ts, size, slide) {
                     if wm.is_none_or(|wm| end > wm) {
-                        w.add(start, end, key, inputs, ts, seq);
+                        w.add(start, end, key, inputs, ts, seq, &mut self.held);
                     }
                 }
             }
@@ -171,13 +215,13 @@ impl PartitionWindows {
                 if s.is_late(gap, key, ts, wm) {
                     return Admit::Late;
                 }
-                s.add(gap, key, inputs, ts, seq);
+                s.add(gap, key, inputs, ts, seq, &mut self.held);
             }
-            (Kind::Count { n }, Store::Count(c)) => c.add(n, key, inputs, ts, seq, out),
+            (Kind::Count { n }, Store::Count(c)) => c.add(n, key, inputs, ts, seq, &mut self.held, out),
             // Built together in `new`; a restored snapshot of another kind starts empty.
             _ => {
                 *self = Self::new(self.kind, self.lateness);
-                return self.add(key, ts, inputs, out);
+                return self.admit(key, ts, inputs, out);
             }
         }
         self.seq += 1;
@@ -199,7 +243,9 @@ impl PartitionWindows {
             self.max_ts = Some(now);
         }
         if let Some(wm) = self.watermark() {
+            let before = out.len();
             self.fire(wm, out);
+            self.release(before, out);
         }
     }
 
@@ -213,11 +259,13 @@ impl PartitionWindows {
 
     /// End of input: every open window, partial ones too, in (end, start, key) order.
     pub fn flush(&mut self, out: &mut Vec<Fired>) {
+        let before = out.len();
         match &mut self.store {
             Store::Aligned(w) => w.flush(out),
             Store::Session(s) => s.flush(out),
             Store::Count(c) => c.flush(out),
         }
+        self.release(before, out);
     }
 
     /// Open (window, key) pairs.
@@ -361,7 +409,7 @@ impl WindowStep {
             Kind::Count { .. } => now,
             _ => self.event_time(msg, now)?,
         };
-        let mut inputs = Inputs::default();
+        let mut inputs = Inputs { offset: (msg.offset >= 0).then_some(msg.offset), ..Inputs::default() };
         for (i, expr) in self.inputs.iter() {
             let v = expr.eval(msg)?.into_owned();
             if let Some(s) = slot(&mut inputs, SLOTS[*i]) {
@@ -372,7 +420,7 @@ impl WindowStep {
         let (kind, lateness) = (self.kind, self.lateness);
         let windows = self.partitions.entry(msg.partition).or_insert_with(|| PartitionWindows::new(kind, lateness));
         match windows.add(&key, ts, &inputs, out) {
-            Admit::Accepted => Ok(()),
+            Admit::Accepted | Admit::Replayed => Ok(()),
             Admit::Late => Err(WindowError::Late { ts, watermark: windows.watermark().unwrap_or(i64::MIN) }),
         }
     }
@@ -401,6 +449,12 @@ impl WindowStep {
 
     pub fn state_keys(&self) -> usize {
         self.partitions.values().map(PartitionWindows::len).sum()
+    }
+
+    /// Per partition: the oldest offset its open windows hold, and one past
+    /// the newest offset taken in.
+    pub fn positions(&self) -> impl Iterator<Item = (i32, Option<i64>, Option<i64>)> + '_ {
+        self.partitions.iter().map(|(p, w)| (*p, w.held(), w.next_offset()))
     }
 
     /// A partition's windows for a snapshot.

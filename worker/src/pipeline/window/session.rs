@@ -12,7 +12,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
-use super::{Fired, aggregate::Accumulator, aggregate::Inputs, key::WindowKey};
+use super::{
+    Fired,
+    aggregate::{Accumulator, Held, Inputs},
+    key::WindowKey,
+};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Session {
@@ -46,7 +50,8 @@ impl SessionWindows {
             || self.keys.get(key).and_then(|k| k.last_fired_end).is_some_and(|end| ts < end)
     }
 
-    pub fn add(&mut self, gap: i64, key: &WindowKey, inputs: &Inputs, ts: i64, seq: u64) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(&mut self, gap: i64, key: &WindowKey, inputs: &Inputs, ts: i64, seq: u64, held: &mut Held) {
         let ks = match self.keys.get_mut(key) {
             Some(ks) => ks,
             None => self.keys.entry(key.clone()).or_default(),
@@ -60,11 +65,13 @@ impl SessionWindows {
         for s in joined {
             if let Some(old) = ks.open.remove(&s) {
                 self.index.remove(&(old.last + gap, s, key.clone()));
+                held.remove(old.acc.first_offset);
                 start = start.min(s);
                 session.last = session.last.max(old.last);
                 session.acc.merge(old.acc);
             }
         }
+        held.insert(session.acc.first_offset);
         self.index.insert((session.last + gap, start, key.clone()));
         ks.open.insert(start, session);
     }

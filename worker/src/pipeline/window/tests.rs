@@ -412,6 +412,49 @@ fn events() -> impl Strategy<Value = Vec<(u8, i64, i64)>> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
 
+    /// Open windows hold back exactly the oldest offset they contain; every
+    /// hold is released once everything has fired.
+    #[test]
+    fn held_offset_is_the_oldest_in_an_open_window(size in 1i64..30, lateness in 0i64..25, ev in events(), kind in 0u8..4) {
+        let kind = match kind {
+            0 => Kind::Tumbling { size },
+            1 => Kind::Sliding { size, slide: (size / 2).max(1) },
+            2 => Kind::Session { gap: size },
+            _ => Kind::Count { n: 3 },
+        };
+        let mut w = PartitionWindows::new(kind, lateness);
+        let mut out = Vec::new();
+        // (offset, windows or key it is in) for accepted events
+        let mut open: Vec<(i64, u8, Vec<(i64, i64)>)> = Vec::new();
+        for (i, (k, ts, v)) in ev.iter().enumerate() {
+            let before = out.len();
+            let inputs = Inputs { offset: Some(i as i64), ..inputs(*v) };
+            if w.add(&key(*k), *ts, &inputs, &mut out) == Admit::Accepted {
+                open.push((i as i64, *k, vec![]));
+            }
+            prop_assert!(out[before..].iter().all(|f| f.acc.first_offset.is_some()));
+            if let Kind::Tumbling { size } = kind {
+                let wm = w.watermark();
+                let held = ev.iter().enumerate()
+                    .filter(|(i, _)| open.iter().any(|o| o.0 == *i as i64))
+                    .filter(|(_, (_, ts, _))| wm.is_none_or(|wm| tumbling::assign(*ts, size).1 > wm))
+                    .map(|(i, _)| i as i64)
+                    .min();
+                prop_assert_eq!(w.held(), held);
+            } else if let Some(h) = w.held() {
+                prop_assert!(open.iter().any(|o| o.0 == h), "held {} is an accepted offset", h);
+            }
+        }
+        w.flush(&mut out);
+        prop_assert_eq!(w.held(), None);
+        let mut replay = Vec::new();
+        let last = ev.len() as i64 - 1;
+        if last >= 0 && !open.is_empty() {
+            let inputs = Inputs { offset: Some(open[0].0), ..inputs(1) };
+            prop_assert_eq!(w.add(&key(0), 0, &inputs, &mut replay), Admit::Replayed, "offsets already taken in are not added twice");
+        }
+    }
+
     #[test]
     fn tumbling_matches_the_model(size in 1i64..30, lateness in 0i64..25, ev in events()) {
         let kind = Kind::Tumbling { size };
@@ -455,10 +498,12 @@ fn step_reads_key_time_and_aggregates_from_messages() {
     .unwrap();
     let mut step = WindowStep::compile(&spec, &crate::expr::environment()).unwrap();
     let mut out = Vec::new();
+    let offset = std::cell::Cell::new(0);
     let m = |ts: i64, c: &str, amount: Value, user: &str| {
+        offset.set(offset.get() + 1);
         Message::new(
             0,
-            0,
+            offset.get(),
             serde_json::to_vec(&json!({"ts": ts, "country": c, "amount": amount, "user": user})).unwrap(),
         )
     };
@@ -475,6 +520,6 @@ fn step_reads_key_time_and_aggregates_from_messages() {
     );
     let err = step.process(&m(500, "DE", json!(1), "a"), 0, &mut out).unwrap_err();
     assert_eq!(err.reason(), "late");
-    let bad = Message::new(0, 1, br#"{"ts": "soon", "country": "DE", "amount": 1, "user": "a"}"#.to_vec());
+    let bad = Message::new(0, 99, br#"{"ts": "soon", "country": "DE", "amount": 1, "user": "a"}"#.to_vec());
     assert_eq!(step.process(&bad, 0, &mut out).unwrap_err().reason(), "event_time");
 }
