@@ -264,17 +264,15 @@ impl PoolTask {
         self.emit(out, &tally).await
     }
 
-    /// Commit limits per partition: below the oldest open window's first
-    /// offset, and (with snapshots) below the last snapshot's position, so
-    /// that a restart replays whatever the restored state lacks.
+    /// Commit limits per partition, so that a restart replays whatever the
+    /// state it starts from lacks: the last snapshot's position once one was
+    /// saved (the restored windows hold everything before it), otherwise the
+    /// oldest open window's first offset (a restart starts with no windows).
     fn holds(&mut self) -> Vec<(i32, Option<i64>)> {
         let mut changed = Vec::new();
         for (p, (held, _next)) in self.pipeline.positions() {
-            let cap = if self.snapshots.is_some() { self.saved.get(&p).copied() } else { None };
-            let hold = match (held, cap) {
-                (Some(h), Some(c)) => Some(h.min(c)),
-                (h, c) => h.or(c),
-            };
+            let saved = if self.snapshots.is_some() { self.saved.get(&p).copied() } else { None };
+            let hold = saved.or(held);
             if self.holds.get(&p) != Some(&hold) {
                 self.holds.insert(p, hold);
                 changed.push((p, hold));
