@@ -20,7 +20,13 @@ use sluice_worker::{
     retry::{Backoff, RetryingSink},
     runtime::Runtime,
     sink::{
-        Sink, file::FileSink, kafka::KafkaSink, nats::NatsSink, null::LogSink, redis::RedisSink, stdout::StdoutSink,
+        Sink,
+        file::FileSink,
+        kafka::{KafkaSink, Transaction},
+        nats::NatsSink,
+        null::LogSink,
+        redis::RedisSink,
+        stdout::StdoutSink,
     },
     source::{
         Source, SourceError, file::FileSource, generator::Generator, kafka::KafkaSource, kafka::pod_name,
@@ -109,6 +115,7 @@ async fn source(
     spec: &StreamProcessorSpec,
     processor: &str,
     input: Option<String>,
+    txn: Option<Arc<Transaction>>,
 ) -> Result<Box<dyn Source>, Box<dyn std::error::Error>> {
     if let Some(path) = input {
         return Ok(Box::new(FileSource::new(path)));
@@ -119,7 +126,11 @@ async fn source(
     if let Some(k) = &spec.source.kafka {
         // Default group `<namespace>.<name>`, as the operator's lag probe assumes.
         let group = k.group.clone().unwrap_or_else(|| processor.replace('/', "."));
-        return Ok(Box::new(KafkaSource::new(k, &group, &|v| std::env::var(v).ok())?));
+        let mut source = KafkaSource::new(k, &group, &|v| std::env::var(v).ok())?;
+        if let Some(txn) = txn {
+            source.set_transaction(txn);
+        }
+        return Ok(Box::new(source));
     }
     if let Some(r) = &spec.source.redis {
         // The consumer is the pod: POD_NAME (downward API), else the host name.
@@ -154,7 +165,17 @@ async fn run(
     dead_letter: Option<String>,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let spec = &cfg.spec;
-    let source = source(spec, &cfg.processor, input).await?;
+    // Exactly-once (Kafka to Kafka): one transactional producer shared by the
+    // sink and the source's acker; transactional.id stable per group and pod.
+    let txn = match (spec.delivery, &spec.source.kafka, &spec.sink.kafka, &output) {
+        (sluice_crds::Delivery::ExactlyOnce, Some(src), Some(snk), None) => {
+            let group = src.group.clone().unwrap_or_else(|| cfg.processor.replace('/', "."));
+            let id = format!("sluice-{group}-{}", pod_name().unwrap_or_else(|_| "worker".into()));
+            Some(Transaction::new(snk, Some(&src.brokers), &id, &|v| std::env::var(v).ok())?)
+        }
+        _ => None,
+    };
+    let source = source(spec, &cfg.processor, input, txn.clone()).await?;
     let env = |v: &str| std::env::var(v).ok();
     let source_brokers = spec.source.kafka.as_ref().map(|k| k.brokers.as_slice());
     let format = spec.sink.stdout.as_ref().map_or(StdoutFormat::Json, |s| s.format);
@@ -163,7 +184,10 @@ async fn run(
         (None, Some(_)) => Box::new(StdoutSink::new(format)),
         (None, None) if spec.sink.kafka.is_some() => {
             let k = spec.sink.kafka.as_ref().ok_or("sink.kafka")?;
-            Box::new(KafkaSink::new(k, source_brokers, "SINK", "spec.sink.kafka", &env)?)
+            Box::new(match &txn {
+                Some(txn) => KafkaSink::transactional(k, txn.clone())?,
+                None => KafkaSink::new(k, source_brokers, "SINK", "spec.sink.kafka", &env)?,
+            })
         }
         (None, None) if spec.sink.redis.is_some() => {
             let r = spec.sink.redis.as_ref().ok_or("sink.redis")?;

@@ -113,13 +113,17 @@ fn ids(records: &[KafkaRecord]) -> HashSet<u64> {
 /// Waits until `topic` holds at least `want` distinct ids (or the deadline),
 /// checking that the worker still runs; returns what it read.
 fn wait_for_ids(kafka: &Kafka, topic: &str, want: usize, worker: &mut Worker) -> Vec<KafkaRecord> {
+    wait_for_ids_in(kafka, topic, "read_uncommitted", want, worker)
+}
+
+fn wait_for_ids_in(kafka: &Kafka, topic: &str, isolation: &str, want: usize, worker: &mut Worker) -> Vec<KafkaRecord> {
     let deadline = std::time::Instant::now() + STREAM_DEADLINE;
     loop {
         worker.assert_running();
         let mut seen = HashSet::new();
         let mut parsed = 0;
         let records = kafka
-            .read_topic(topic, "read_uncommitted", Duration::from_secs(10), |r| {
+            .read_topic(topic, isolation, Duration::from_secs(10), |r| {
                 seen.extend(ids(&r[parsed..]));
                 parsed = r.len();
                 seen.len() >= want
@@ -293,4 +297,58 @@ fn broker_restart_mid_stream_recovers_by_itself() {
     let records = wait_for_ids(&kafka, "out", N as usize, &mut worker);
     let duplicates = check_output(&records, N);
     eprintln!("broker restart: {} records out, {duplicates} duplicates", records.len());
+}
+
+#[test]
+fn exactly_once_kill_9_mid_transaction_read_committed_sees_each_input_once() {
+    let kafka = Kafka::start();
+    kafka.create_topic("in", 4).expect("topic");
+    kafka.create_topic("out", 4).expect("topic");
+    kafka.create_topic("dlq", 1).expect("topic");
+    const N: u64 = 50_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(&kafka, "in", "out", "dlq", "eos");
+    s["delivery"] = json!("exactlyOnce");
+    // The killed member's partitions move after its session times out.
+    s["source"]["kafka"]["properties"] = json!({"session.timeout.ms": "6000"});
+    let spec = write_spec(dir.path(), &s);
+    let all = inputs(N);
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(|| {
+            for chunk in all.chunks(5_000) {
+                kafka.produce("in", chunk.iter().cloned()).expect("produce");
+            }
+        });
+        // The same POD_NAME, so the same transactional.id: the restarted
+        // worker fences the killed one and aborts its open transaction.
+        let mut first = Worker::start(&spec, dir.path().join("worker-1.log"));
+        wait_for_ids_in(&kafka, "out", "read_committed", 10_000, &mut first);
+        // Kill while a transaction holds records that read_committed does not see yet.
+        let deadline = std::time::Instant::now() + STREAM_DEADLINE;
+        loop {
+            first.assert_running();
+            let read =
+                |isolation| kafka.read_topic("out", isolation, Duration::from_secs(2), |_| false).expect("read").len();
+            let (committed, all) = (read("read_committed"), read("read_uncommitted"));
+            if all > committed {
+                first.kill9();
+                eprintln!("killed while read_uncommitted was {} records ahead of read_committed", all - committed);
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never saw an open transaction");
+        }
+        let mut second = Worker::start(&spec, dir.path().join("worker-2.log"));
+        let committed = wait_for_ids_in(&kafka, "out", "read_committed", N as usize, &mut second);
+        producer.join().expect("producer thread");
+        let duplicates = check_output(&committed, N);
+        let uncommitted =
+            kafka.read_topic("out", "read_uncommitted", Duration::from_secs(5), |_| false).expect("read uncommitted");
+        eprintln!(
+            "exactly-once: read_committed sees {} records for {N} inputs ({duplicates} duplicates); read_uncommitted sees {} (aborted records of the killed transaction included)",
+            committed.len(),
+            uncommitted.len()
+        );
+        assert_eq!(duplicates, 0, "read_committed sees every input exactly once");
+        assert_eq!(committed.len() as u64, N);
+    });
 }

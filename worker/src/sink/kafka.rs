@@ -12,7 +12,11 @@
 //! batch; the runtime retries it (at-least-once: messages of the batch that
 //! did arrive are sent again).
 
-use std::time::Duration;
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
 use rdkafka::{
@@ -53,6 +57,166 @@ pub struct KafkaSink {
     key: Option<Expression>,
     /// Added to every record (the dead-letter sink names the source here).
     extra_headers: Vec<(String, Vec<u8>)>,
+    /// Exactly-once: writes go into the open transaction, which the source's
+    /// acker commits together with the consumed offsets.
+    txn: Option<Arc<Transaction>>,
+}
+
+/// Exactly-once (Kafka to Kafka): one transactional producer shared by the
+/// sink (which produces into the open transaction) and the source's acker
+/// (which adds the consumed offsets with `send_offsets_to_transaction` and
+/// commits). `transactional.id` is stable across restarts (group and pod
+/// name), so a restarted pod's `init_transactions` fences its predecessor
+/// and aborts the transaction it left open.
+///
+/// ```text
+/// sink.write: begin (if none open) ─ produce ─ await reports ─ note max source offset per partition
+/// acker.commit(low-water marks): when every partition's mark is past what the
+///     transaction holds ─ send_offsets_to_transaction ─ commit_transaction
+/// any failure: abort, and refuse further writes: the run fails and the restarted
+///     worker resumes from the last committed offsets (rewind)
+/// ```
+pub struct Transaction {
+    producer: FutureProducer,
+    pub transactional_id: String,
+    state: Mutex<TxnState>,
+}
+
+#[derive(Default)]
+struct TxnState {
+    open: bool,
+    /// Largest source offset per partition whose output is in the open transaction.
+    produced: BTreeMap<i32, i64>,
+    /// The runtime's low-water marks so far (it reports only the ones that moved).
+    marks: BTreeMap<i32, i64>,
+    failed: Option<String>,
+}
+
+/// How long a transaction may stay open before the broker aborts it.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(60);
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Transaction {
+    /// Creates the transactional producer and runs `init_transactions`
+    /// (which fences an older producer with the same id).
+    pub fn new(
+        spec: &KafkaSinkSpec,
+        default_brokers: Option<&[String]>,
+        transactional_id: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Arc<Self>, SinkError> {
+        let field = "spec.sink.kafka";
+        let brokers = brokers(spec, default_brokers, field)?;
+        let mut config = client_config(&brokers, spec.auth.as_ref(), "SINK", field, env)
+            .map_err(|detail| SinkError::Config { field, detail })?;
+        for (k, v) in &spec.properties {
+            config.set(k, v);
+        }
+        for (k, v) in producer_settings(spec.compression) {
+            config.set(k, v);
+        }
+        config
+            .set("transactional.id", transactional_id)
+            .set("transaction.timeout.ms", TRANSACTION_TIMEOUT.as_millis().to_string())
+            .set("message.timeout.ms", TRANSACTION_TIMEOUT.as_millis().to_string());
+        let producer: FutureProducer = config.create().map_err(|e| SinkError::Config {
+            field,
+            detail: format!("the Kafka client rejected the transactional configuration: {e}"),
+        })?;
+        tokio::task::block_in_place(|| producer.init_transactions(TXN_CALL_TIMEOUT)).map_err(|e| {
+            SinkError::Broker {
+                kind: "kafka",
+                target: spec.topic.clone(),
+                detail: format!("init_transactions for {transactional_id}: {e}"),
+            }
+        })?;
+        tracing::info!(transactional_id, topic = %spec.topic, "exactly-once: transactional producer ready");
+        Ok(Arc::new(Self { producer, transactional_id: transactional_id.to_string(), state: Mutex::default() }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TxnState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Aborts the open transaction and refuses every later write.
+    fn fail(&self, why: String) -> String {
+        let mut st = self.lock();
+        if st.open {
+            if let Err(e) = tokio::task::block_in_place(|| self.producer.abort_transaction(TXN_CALL_TIMEOUT)) {
+                tracing::warn!(error = %e, "abort_transaction failed; the broker aborts it after the transaction timeout");
+            }
+            st.open = false;
+        }
+        tracing::error!(transactional_id = %self.transactional_id, error = %why,
+            "exactly-once transaction aborted; the worker stops and resumes from the last committed offsets");
+        st.failed.get_or_insert(why).clone()
+    }
+
+    fn begin(&self) -> Result<(), String> {
+        let mut st = self.lock();
+        if let Some(f) = &st.failed {
+            return Err(format!(
+                "an earlier transaction was aborted ({f}); restart to resume from the committed offsets"
+            ));
+        }
+        if !st.open {
+            self.producer.begin_transaction().map_err(|e| format!("begin_transaction: {e}"))?;
+            st.open = true;
+        }
+        Ok(())
+    }
+
+    fn produced(&self, batch: &[Message]) {
+        let mut st = self.lock();
+        for m in batch {
+            let e = st.produced.entry(m.partition).or_insert(m.offset);
+            *e = (*e).max(m.offset);
+        }
+    }
+
+    /// The acker's half: record the low-water marks; commit the transaction
+    /// with them once they cover everything it holds.
+    pub fn commit(
+        &self,
+        topic: &str,
+        positions: &[(i32, i64)],
+        group: &rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> Result<bool, String> {
+        let mut st = self.lock();
+        if let Some(f) = &st.failed {
+            return Err(f.clone());
+        }
+        st.marks.extend(positions.iter().copied());
+        let covered = st.produced.iter().all(|(p, o)| st.marks.get(p).is_some_and(|m| m > o));
+        if !covered {
+            return Ok(false);
+        }
+        let mut tpl = rdkafka::TopicPartitionList::with_capacity(st.marks.len());
+        for (p, o) in &st.marks {
+            tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(*o)).map_err(|e| e.to_string())?;
+        }
+        let result = tokio::task::block_in_place(|| -> Result<(), String> {
+            if !st.open {
+                self.producer.begin_transaction().map_err(|e| format!("begin_transaction: {e}"))?;
+                st.open = true;
+            }
+            self.producer
+                .send_offsets_to_transaction(&tpl, group, TXN_CALL_TIMEOUT)
+                .map_err(|e| format!("send_offsets_to_transaction: {e}"))?;
+            self.producer.commit_transaction(TXN_CALL_TIMEOUT).map_err(|e| format!("commit_transaction: {e}"))
+        });
+        match result {
+            Ok(()) => {
+                st.open = false;
+                st.produced.clear();
+                Ok(true)
+            }
+            Err(e) => {
+                drop(st);
+                Err(self.fail(e))
+            }
+        }
+    }
 }
 
 impl KafkaSink {
@@ -66,16 +230,7 @@ impl KafkaSink {
         field: &'static str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, SinkError> {
-        let brokers = match (&spec.brokers, default_brokers) {
-            (Some(b), _) if !b.is_empty() => b.clone(),
-            (_, Some(b)) => b.to_vec(),
-            _ => {
-                return Err(SinkError::Config {
-                    field,
-                    detail: "no brokers: set brokers (required unless the source is Kafka)".into(),
-                });
-            }
-        };
+        let brokers = brokers(spec, default_brokers, field)?;
         let mut config = client_config(&brokers, spec.auth.as_ref(), place, field, env)
             .map_err(|detail| SinkError::Config { field, detail })?;
         for (k, v) in &spec.properties {
@@ -95,7 +250,24 @@ impl KafkaSink {
             .transpose()
             .map_err(|e| SinkError::Config { field, detail: format!("key: {e}") })?;
         tracing::info!(topic = %spec.topic, brokers = %brokers.join(","), compression = ?spec.compression, "Kafka producer ready");
-        Ok(Self { producer, topic: spec.topic.clone(), key, extra_headers: Vec::new() })
+        Ok(Self { producer, topic: spec.topic.clone(), key, extra_headers: Vec::new(), txn: None })
+    }
+
+    /// An exactly-once sink producing into `txn`'s transactions.
+    pub fn transactional(spec: &KafkaSinkSpec, txn: Arc<Transaction>) -> Result<Self, SinkError> {
+        let key = spec
+            .key
+            .as_deref()
+            .map(Expression::parse)
+            .transpose()
+            .map_err(|e| SinkError::Config { field: "spec.sink.kafka", detail: format!("key: {e}") })?;
+        Ok(Self {
+            producer: txn.producer.clone(),
+            topic: spec.topic.clone(),
+            key,
+            extra_headers: Vec::new(),
+            txn: Some(txn),
+        })
     }
 
     /// Adds a header to every record this sink writes.
@@ -127,6 +299,19 @@ impl KafkaSink {
     }
 
     async fn write_batch(&self, batch: &[Message]) -> Result<(), SinkError> {
+        let Some(txn) = &self.txn else { return self.produce(batch).await };
+        let aborted = |detail: String| SinkError::Aborted { kind: "kafka", target: self.topic.clone(), detail };
+        txn.begin().map_err(|e| aborted(txn.fail(e)))?;
+        match self.produce(batch).await {
+            Ok(()) => {
+                txn.produced(batch);
+                Ok(())
+            }
+            Err(e) => Err(aborted(txn.fail(e.to_string()))),
+        }
+    }
+
+    async fn produce(&self, batch: &[Message]) -> Result<(), SinkError> {
         let mut reports: Vec<DeliveryFuture> = Vec::with_capacity(batch.len());
         for m in batch {
             let payload = m.payload.to_bytes();
@@ -162,6 +347,21 @@ impl KafkaSink {
             }
         }
         await_reports(self, &mut reports).await
+    }
+}
+
+fn brokers(
+    spec: &KafkaSinkSpec,
+    default_brokers: Option<&[String]>,
+    field: &'static str,
+) -> Result<Vec<String>, SinkError> {
+    match (&spec.brokers, default_brokers) {
+        (Some(b), _) if !b.is_empty() => Ok(b.clone()),
+        (_, Some(b)) => Ok(b.to_vec()),
+        _ => Err(SinkError::Config {
+            field,
+            detail: "no brokers: set brokers (required unless the source is Kafka)".into(),
+        }),
     }
 }
 

@@ -27,6 +27,10 @@ pub enum SinkError {
     Config { field: &'static str, detail: String },
     #[error("{kind} sink {target}: {detail}")]
     Broker { kind: &'static str, target: String, detail: String },
+    /// Not retryable: an exactly-once transaction was aborted; the worker
+    /// must restart from the committed offsets.
+    #[error("{kind} sink {target}: {detail}")]
+    Aborted { kind: &'static str, target: String, detail: String },
 }
 
 pub trait Sink: Send {

@@ -35,7 +35,10 @@ use rdkafka::{
 use sluice_crds::{KafkaAuth, KafkaSource as KafkaSourceSpec, SaslMechanism, StartFrom};
 
 use super::{Acker, Source, SourceError, SourceEvent};
-use crate::message::{Message, Payload, now_ms};
+use crate::{
+    message::{Message, Payload, now_ms},
+    sink::kafka::Transaction,
+};
 
 /// How long `next` waits for a first message before it looks at pending
 /// rebalance events again.
@@ -174,6 +177,8 @@ pub struct KafkaSource {
     /// A message received while a rebalance event was pending: it is returned
     /// after that event.
     stash: Option<Message>,
+    /// Exactly-once: offsets are committed inside the sink's transactions.
+    txn: Option<Arc<Transaction>>,
 }
 
 impl KafkaSource {
@@ -216,7 +221,13 @@ impl KafkaSource {
             detail: format!("subscribe to topic {}: {e}", spec.topic),
         })?;
         tracing::info!(topic = %spec.topic, group, brokers = %spec.brokers.join(","), "Kafka consumer subscribed");
-        Ok(Self { consumer: Arc::new(consumer), topic: spec.topic.clone(), stash: None })
+        Ok(Self { consumer: Arc::new(consumer), topic: spec.topic.clone(), stash: None, txn: None })
+    }
+
+    /// Exactly-once: the acker commits offsets with `send_offsets_to_transaction`
+    /// in `txn` (shared with the Kafka sink) instead of committing them itself.
+    pub fn set_transaction(&mut self, txn: Arc<Transaction>) {
+        self.txn = Some(txn);
     }
 
     /// Whether the last consumer call reached the brokers.
@@ -314,7 +325,14 @@ impl Source for KafkaSource {
     }
 
     fn acker(&self) -> Arc<dyn Acker> {
-        Arc::new(KafkaAcker { consumer: self.consumer.clone(), topic: self.topic.clone() })
+        match &self.txn {
+            Some(txn) => Arc::new(TransactionalAcker {
+                consumer: self.consumer.clone(),
+                topic: self.topic.clone(),
+                txn: txn.clone(),
+            }),
+            None => Arc::new(KafkaAcker { consumer: self.consumer.clone(), topic: self.topic.clone() }),
+        }
     }
 
     fn kind(&self) -> &'static str {
@@ -354,6 +372,35 @@ impl Acker for KafkaAcker {
                 kind: "kafka",
                 detail: format!("commit offsets of topic {}: {e}", self.topic),
             })
+        })
+    }
+}
+
+/// Exactly-once: hands the low-water marks to the open transaction, which
+/// commits them together with the outputs.
+pub struct TransactionalAcker {
+    consumer: Arc<GroupConsumer>,
+    topic: String,
+    txn: Arc<Transaction>,
+}
+
+impl Acker for TransactionalAcker {
+    fn commit<'a>(&'a self, positions: &'a [(i32, i64)]) -> BoxFuture<'a, Result<(), SourceError>> {
+        Box::pin(async move {
+            let group = self.consumer.group_metadata().ok_or_else(|| SourceError::Broker {
+                kind: "kafka",
+                detail: "no consumer group metadata for the transaction".into(),
+            })?;
+            // A revoked partition's offsets are its new owner's to commit.
+            let assigned = self.consumer.context().assigned.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let positions: Vec<(i32, i64)> = positions.iter().copied().filter(|(p, _)| assigned.contains(p)).collect();
+            match self.txn.commit(&self.topic, &positions, &group) {
+                Ok(committed) => {
+                    tracing::debug!(topic = %self.topic, committed, ?positions, "exactly-once commit point");
+                    Ok(())
+                }
+                Err(detail) => Err(SourceError::Broker { kind: "kafka", detail }),
+            }
         })
     }
 }
