@@ -166,3 +166,40 @@ async fn window_state_moves_with_its_partition() {
         "the window holds the events seen before the move"
     );
 }
+
+/// With snapshots, a window that never closes does not hold the commit point:
+/// it follows the last snapshot, which holds the window's events.
+#[tokio::test]
+async fn commits_follow_snapshots_past_open_windows() {
+    let server = start_redis().await;
+    let store: Arc<dyn StateStore> = Arc::new(RedisStore::connect(&server.url).await.unwrap());
+    let snapshots = Snapshots {
+        store: store.clone(),
+        keys: StateKeys::new("shop/rare"),
+        interval: Duration::from_millis(100),
+        ttl: None,
+    };
+    let spec = spec(json!({
+        "source": {"generator": {"template": {"a": "seq"}}}, "sink": {"stdout": {}},
+        "pipeline": [{"window": {"type": "count", "count": 100, "keyBy": "msg.k", "aggregate": {"count": {}}}}]
+    }));
+    let batch = (0..5).map(|i| json_msg(0, i, json!({"k": "rare"}))).collect();
+    let mut source = ScriptedSource::new(vec![SourceEvent::Assigned(vec![0]), SourceEvent::Batch(batch)]);
+    source.hang = true;
+    let acker = source.acker.clone();
+    let stop = CancellationToken::new();
+    let rt = runtime(1, Some(snapshots.clone()));
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        let p = Pipeline::compile(&spec).unwrap();
+        async move { rt.run(Box::new(source), p, Box::new(CollectSink::new()), Box::new(NullSink::default()), stop).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while acker.committed.lock().unwrap().get(&0) != Some(&5) {
+        assert!(std::time::Instant::now() < deadline, "commit never passed the open window: {:?}", acker.committed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert!(store.get(&snapshots.keys.snapshot(0, 0)).await.unwrap().is_some());
+}
