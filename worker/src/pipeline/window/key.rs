@@ -18,7 +18,7 @@ pub enum WindowKey {
     UInt(u64),
     /// f64 bits, so that the key can be hashed.
     Float(u64),
-    Str(Box<str>),
+    Str(KeyStr),
     /// Arrays and objects, as canonical JSON.
     Other(Box<str>),
 }
@@ -34,7 +34,7 @@ impl WindowKey {
                 (_, _, Some(f)) => Self::Float(f.to_bits()),
                 _ => Self::Null,
             },
-            Value::String(s) => Self::Str(s.as_str().into()),
+            Value::String(s) => Self::Str(KeyStr::new(s)),
             other => Self::Other(canonical_json(other).into()),
         }
     }
@@ -46,7 +46,7 @@ impl WindowKey {
             Self::Int(i) => Value::from(*i),
             Self::UInt(u) => Value::from(*u),
             Self::Float(bits) => serde_json::Number::from_f64(f64::from_bits(*bits)).map_or(Value::Null, Value::Number),
-            Self::Str(s) => Value::String(s.to_string()),
+            Self::Str(s) => Value::String(s.as_str().to_string()),
             Self::Other(text) => serde_json::from_str(text).unwrap_or(Value::Null),
         }
     }
@@ -80,7 +80,8 @@ impl Ord for WindowKey {
         }
         match (self, other) {
             (Self::Bool(a), Self::Bool(b)) => a.cmp(b),
-            (Self::Str(a), Self::Str(b)) | (Self::Other(a), Self::Other(b)) => a.cmp(b),
+            (Self::Str(a), Self::Str(b)) => a.as_str().cmp(b.as_str()),
+            (Self::Other(a), Self::Other(b)) => a.cmp(b),
             (a, b) => match (a.number(), b.number()) {
                 (Some((_, x, 0)), Some((_, y, 0))) => x.cmp(&y),
                 (Some((x, _, tx)), Some((y, _, ty))) => x.total_cmp(&y).then(tx.cmp(&ty)).then_with(|| {
@@ -99,6 +100,67 @@ impl Ord for WindowKey {
 impl PartialOrd for WindowKey {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
+    }
+}
+
+/// A string key stored inline up to 22 bytes: no allocation per event and
+/// no pointer chase when a hash map compares keys (most keys are short ids).
+#[derive(Clone)]
+pub enum KeyStr {
+    Inline { len: u8, buf: [u8; 22] },
+    Heap(Box<str>),
+}
+
+impl KeyStr {
+    pub fn new(s: &str) -> Self {
+        if s.len() <= 22 {
+            let mut buf = [0u8; 22];
+            buf[..s.len()].copy_from_slice(s.as_bytes());
+            Self::Inline { len: s.len() as u8, buf }
+        } else {
+            Self::Heap(s.into())
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Built from a &str in `new`, cut at its length: valid UTF-8.
+            Self::Inline { len, buf } => std::str::from_utf8(&buf[..usize::from(*len)]).unwrap_or_default(),
+            Self::Heap(s) => s,
+        }
+    }
+}
+
+impl PartialEq for KeyStr {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for KeyStr {}
+
+impl std::hash::Hash for KeyStr {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl std::fmt::Debug for KeyStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+impl Serialize for KeyStr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyStr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Ok(Self::new(&s))
     }
 }
 
@@ -163,6 +225,18 @@ mod tests {
         let b = WindowKey::from_json(&json!(1.0));
         assert_ne!(a, b);
         assert_ne!(a.cmp(&b), Ordering::Equal);
+    }
+
+    #[test]
+    fn short_and_long_string_keys_behave_alike() {
+        let long = "x".repeat(40);
+        for text in ["", "k1", "twenty-two-bytes-key!!", &long, "ünïcödé"] {
+            let k = WindowKey::from_json(&json!(text));
+            assert_eq!(k.to_json(), json!(text));
+            let back: WindowKey = serde_json::from_str(&serde_json::to_string(&k).unwrap()).unwrap();
+            assert_eq!(back, k);
+        }
+        assert!(WindowKey::from_json(&json!("a")) < WindowKey::from_json(&json!("aa")));
     }
 
     #[test]

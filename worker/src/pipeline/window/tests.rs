@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::*;
 
 fn key(k: u8) -> WindowKey {
-    WindowKey::Str(format!("k{k}").into())
+    WindowKey::Str(key::KeyStr::new(&format!("k{k}")))
 }
 
 fn inputs(v: i64) -> Inputs {
