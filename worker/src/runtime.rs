@@ -145,6 +145,9 @@ impl Runtime {
                         tracing::info!(?partitions, "partitions revoked; snapshotting their state");
                         for p in partitions {
                             dispatcher.send(dispatcher.owner(p), Work::Revoke { partition: p }).await?;
+                            // Its in-flight offsets are the next owner's to redo; if it comes
+                            // back, tracking restarts from wherever the source resumes.
+                            tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).revoke(p);
                         }
                     }
                     SourceEvent::End => {

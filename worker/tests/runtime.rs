@@ -252,3 +252,38 @@ async fn open_windows_hold_their_offsets_back_from_commit() {
     run.await.unwrap().unwrap();
     assert_eq!(acker.committed.lock().unwrap().get(&0), Some(&3), "a restart replays the open window");
 }
+
+#[tokio::test]
+async fn a_partition_that_comes_back_is_tracked_from_where_it_resumes() {
+    let first: Vec<_> = (0..5).map(|i| json_msg(0, i, json!({"n": i}))).collect();
+    let again: Vec<_> = (2..8).map(|i| json_msg(0, i, json!({"n": i}))).collect();
+    let source = ScriptedSource::new(vec![
+        SourceEvent::Assigned(vec![0]),
+        SourceEvent::Batch(first),
+        SourceEvent::Revoked(vec![0]),
+        SourceEvent::Assigned(vec![0]),
+        SourceEvent::Batch(again),
+    ]);
+    let acker = source.acker.clone();
+    let sink = CollectSink::new();
+    runtime(1, None)
+        .run(
+            Box::new(source),
+            Pipeline::compile(&filter_spec_all_n()).unwrap(),
+            Box::new(sink.clone()),
+            Box::new(NullSink::default()),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(acker.committed.lock().unwrap().get(&0), Some(&8));
+    assert_eq!(sink.payloads().await.len(), 11, "redelivered messages are processed again (at-least-once)");
+}
+
+fn filter_spec_all_n() -> sluice_crds::StreamProcessorSpec {
+    spec(json!({
+        "source": {"generator": {"template": {"a": "seq"}}},
+        "sink": {"stdout": {}},
+        "pipeline": [{"filter": "msg.n >= 0"}]
+    }))
+}
