@@ -252,32 +252,41 @@ fn kill_9_then_another_pod_claims_the_dead_consumers_entries() {
     const N: u64 = 100_000;
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&redis, "crash", Some("2s")));
-    produce(&redis, 0..N / 2);
-    let mut first = Worker::start(&spec, dir.path().join("worker-1.log"), "pod-a");
-    // Kill while pod-a holds read but unacknowledged entries.
-    let deadline = Instant::now() + STREAM_DEADLINE;
-    loop {
-        first.assert_running();
-        if ids(&read_stream(&redis, "out")).len() >= 5_000 && pending(&redis, "crash") > 0 {
-            break;
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(|| {
+            for start in (0..N).step_by(1_000) {
+                produce(&redis, start..start + 1_000);
+            }
+        });
+        let mut first = Worker::start(&spec, dir.path().join("worker-1.log"), "pod-a");
+        // Kill while pod-a holds read but unacknowledged entries (cheap
+        // XLEN/XPENDING polls, so the window is not missed).
+        let mut c = conn(&redis);
+        let deadline = Instant::now() + STREAM_DEADLINE;
+        loop {
+            first.assert_running();
+            let out: u64 = c.xlen("out").expect("XLEN");
+            if out >= 5_000 && pending(&redis, "crash") > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "pod-a never held pending entries:\n{}", first.log_tail());
+            std::thread::sleep(Duration::from_millis(1));
         }
-        assert!(Instant::now() < deadline, "pod-a never got going:\n{}", first.log_tail());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    first.kill9();
-    let at_kill = ids(&read_stream(&redis, "out")).len();
-    let stranded = pending(&redis, "crash");
-    produce(&redis, N / 2..N);
-    // A different pod: pod-a's pending entries come back only by XAUTOCLAIM.
-    let mut second = Worker::start(&spec, dir.path().join("worker-2.log"), "pod-b");
-    let entries = wait_for_ids(&redis, "out", N as usize, &mut second);
-    let duplicates = check_output_unordered(&entries, N);
-    assert_eq!(wait_until_acked(&redis, "crash"), 0, "nothing stays pending");
-    eprintln!(
-        "kill -9: {at_kill} ids out at the kill, {stranded} entries pending on the dead consumer; {} out in all, {duplicates} duplicates",
-        entries.len()
-    );
-    assert!(stranded > 0, "the kill left entries pending on pod-a, which pod-b claimed");
+        first.kill9();
+        let at_kill = ids(&read_stream(&redis, "out")).len();
+        let stranded = pending(&redis, "crash");
+        // A different pod: pod-a's pending entries come back only by XAUTOCLAIM.
+        let mut second = Worker::start(&spec, dir.path().join("worker-2.log"), "pod-b");
+        let entries = wait_for_ids(&redis, "out", N as usize, &mut second);
+        producer.join().expect("producer thread");
+        let duplicates = check_output_unordered(&entries, N);
+        assert_eq!(wait_until_acked(&redis, "crash"), 0, "nothing stays pending");
+        eprintln!(
+            "kill -9: {at_kill} ids out at the kill, {stranded} entries pending on the dead consumer; {} out in all, {duplicates} duplicates",
+            entries.len()
+        );
+        assert!(stranded > 0, "the kill left entries pending on pod-a, which pod-b claimed");
+    });
 }
 
 /// Claimed entries come back after newer ones: order is not kept across a
