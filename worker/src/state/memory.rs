@@ -100,11 +100,25 @@ struct Inner {
 pub struct MemoryStore {
     max_keys: usize,
     inner: Mutex<Inner>,
+    /// Keys held (including not yet collected expired ones): the size metric.
+    size: Option<prometheus::IntGauge>,
 }
 
 impl MemoryStore {
     pub fn new(max_keys: usize) -> Self {
-        Self { max_keys: max_keys.max(1), inner: Mutex::new(Inner::default()) }
+        Self { max_keys: max_keys.max(1), inner: Mutex::new(Inner::default()), size: None }
+    }
+
+    /// Report the number of keys held on `gauge` (e.g. `sluice_state_keys`).
+    pub fn with_size_gauge(mut self, gauge: prometheus::IntGauge) -> Self {
+        self.size = Some(gauge);
+        self
+    }
+
+    fn report(&self, inner: &Inner) {
+        if let Some(g) = &self.size {
+            g.set(i64::try_from(inner.map.len()).unwrap_or(i64::MAX));
+        }
     }
 
     /// Live keys: the state-size metric.
@@ -142,6 +156,7 @@ impl MemoryStore {
             inner.map.remove(&oldest);
             inner.evicted += 1;
         }
+        self.report(&inner);
     }
 
     fn get_sync(&self, key: &str) -> Option<Vec<u8>> {
@@ -151,6 +166,7 @@ impl MemoryStore {
             if let Some(e) = inner.map.remove(key) {
                 inner.by_age.remove(&e.inserted);
             }
+            self.report(&inner);
             return None;
         }
         inner.map.get(key).map(|e| e.value.clone())
@@ -209,6 +225,7 @@ impl StateStore for MemoryStore {
             if let Some(e) = inner.map.remove(key) {
                 inner.by_age.remove(&e.inserted);
             }
+            self.report(&inner);
             Ok(())
         })
     }
@@ -234,7 +251,8 @@ mod tests {
 
     #[tokio::test]
     async fn memory_store_gets_puts_merges_and_expires() {
-        let s = MemoryStore::new(3);
+        let gauge = prometheus::IntGauge::new("keys", "keys").unwrap();
+        let s = MemoryStore::new(3).with_size_gauge(gauge.clone());
         s.put("a", b"1".to_vec(), None).await.unwrap();
         assert_eq!(s.get("a").await.unwrap(), Some(b"1".to_vec()));
         assert_eq!(s.merge("a", 4, None).await.unwrap(), 5);
@@ -246,6 +264,7 @@ mod tests {
             s.put(k, vec![], None).await.unwrap();
         }
         assert_eq!(s.len(), 3, "bounded");
+        assert_eq!(gauge.get(), 3, "the size metric follows");
         assert!(s.evicted() >= 1);
         assert_eq!(s.get("n").await.unwrap(), None, "oldest evicted first");
     }
