@@ -146,3 +146,31 @@ fn sigterm_drains_and_exits_cleanly() {
     assert!(err.contains("worker stopped cleanly"), "{err}");
     let _ = std::io::stderr().flush();
 }
+
+/// The README's demo: examples/generator-windows.yaml runs with no broker and
+/// prints windows. Run here at full speed (rate 0) so the test takes a second.
+#[test]
+fn the_generator_demo_prints_windows() {
+    let example = std::fs::read_to_string(repo("examples/generator-windows.yaml")).unwrap();
+    assert!(example.contains("rate: 2000"), "the demo's rate changed; update this test");
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("demo.yaml");
+    std::fs::write(&spec, example.replace("rate: 2000", "rate: 0")).unwrap();
+    let out = worker().args(["run", spec.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let windows: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!windows.is_empty());
+    let mut counted = 0;
+    for w in &windows {
+        assert!(["DE", "FR", "US", "JP"].contains(&w["key"].as_str().unwrap()), "{w}");
+        let (start, end) = (w["start"].as_i64().unwrap(), w["end"].as_i64().unwrap());
+        assert_eq!((start % 10_000, end - start), (0, 10_000), "{w}");
+        assert!(w["sum"].is_f64() && w["max"].as_i64().is_some_and(|m| (1..=500).contains(&m)), "{w}");
+        counted += w["count"].as_u64().unwrap();
+    }
+    // 100000 messages, a quarter of them `type: ignore` (choice of 4, seed 7).
+    assert!((70_000..80_000).contains(&counted), "{counted}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("worker stopped cleanly"), "{stderr}");
+}
