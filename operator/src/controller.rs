@@ -2,7 +2,7 @@
 //! feeding the reconciler (crate::reconcile). Owned objects are cached by
 //! reflectors that the reconciler reads instead of the API server.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc};
 
 use futures::StreamExt;
 use k8s_openapi::api::{
@@ -86,8 +86,6 @@ pub async fn run(
     };
     info!(namespace = ns.unwrap_or("<all>"), "starting the StreamProcessor controller");
     Controller::new(processors, watcher::Config::default().any_semantic())
-        // Creating seven children fires seven watch events: reconcile once for the burst.
-        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)))
         .owns_stream(deployment_events)
         .owns_stream(configmap_events)
         .owns_stream(sa_events)

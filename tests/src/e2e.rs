@@ -183,3 +183,15 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Send the in-process operator's logs to the test output (shown for a
+/// failing test, or with --nocapture).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("sluice_operator=debug,warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

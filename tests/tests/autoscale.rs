@@ -1,9 +1,10 @@
 //! Autoscaling on a real Kafka backlog, end to end on the real local cluster:
-//! 12 partitions, 20,000 messages of lag, lagPerReplica 1000. Replicas rise
-//! to the partition cap in one step within one poll interval (ScalingLimited
-//! says why), the workers (the project's image on the real node) drain the
-//! lag into an output topic, and replicas fall back after the stabilization
-//! window. Every decision is an Event with the numbers.
+//! an idle processor scales to zero; 20,000 messages land on 12 partitions
+//! (lagPerReplica 1000); replicas go from 0 to the partition cap in one step
+//! within one poll interval (ScalingLimited says why); the workers (the
+//! project's image on the real node) drain the lag into an output topic; and
+//! replicas fall back to zero after the stabilization window. Every decision
+//! is an Event with the numbers.
 
 use std::{
     sync::Arc,
@@ -29,6 +30,7 @@ const MESSAGES: usize = 20_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_scales_to_the_partition_cap_and_back() {
+    sluice_tests::e2e::init_logs();
     let cluster = start_cluster().await;
     let client = cluster.client().await.expect("client");
     sluice_tests::e2e::install_crd(&client).await;
@@ -64,7 +66,7 @@ async fn a_backlog_scales_to_the_partition_cap_and_back() {
             "pipeline": [{"map": {"set": {"seen": "true"}}}],
             "sink": {"kafka": {"topic": "orders-out"}},
             "scaling": {"minReplicas": 1, "maxReplicas": 12, "lagPerReplica": 1000,
-                        "pollInterval": "2s", "scaleDownStabilization": "20s"},
+                        "pollInterval": "2s", "scaleDownStabilization": "15s", "scaleToZero": true},
             "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "192Mi"}}
         }
     }))
@@ -77,14 +79,22 @@ async fn a_backlog_scales_to_the_partition_cap_and_back() {
             .then_some(())
     })
     .await;
+    let zero = eventually_on(&cluster, "the idle processor scales to zero", Duration::from_secs(90), || async {
+        let sp = sps.get("orders").await.ok()?;
+        let (_, reason, _) = condition(&sp, "Ready")?;
+        (sp.status.as_ref()?.desired_replicas == Some(0) && reason == "ScaledToZero").then_some(sp)
+    })
+    .await;
+    eprintln!("scaled to zero: {:?}", zero.status.map(|s| (s.desired_replicas, s.lag)));
 
-    // The backlog lands all at once.
+    // The backlog lands all at once, on a processor with no workers.
     let records: Vec<(Option<String>, String)> = (0..MESSAGES)
         .map(|i| (Some(format!("k{}", i % 97)), json!({"id": i, "amount": i % 500}).to_string()))
         .collect();
     let produced_at = Instant::now();
     kafka.produce("orders", records).expect("produce the backlog");
     let produced = produced_at.elapsed();
+    eprintln!("produced {MESSAGES} messages in {produced:?}");
 
     // Up to the cap in one step, within a poll interval of the backlog's end.
     let scaled_up =
@@ -108,7 +118,7 @@ async fn a_backlog_scales_to_the_partition_cap_and_back() {
         .filter_map(|e| e.note)
         .collect();
     assert!(
-        scaled.iter().any(|n| n.starts_with("scaled 1 -> 12: lag ") && n.ends_with("capped by 12 partitions")),
+        scaled.iter().any(|n| n.starts_with("scaled 0 -> 12: lag ") && n.ends_with("capped by 12 partitions")),
         "no single-step scale Event with the numbers: {scaled:?}"
     );
 
@@ -132,15 +142,15 @@ async fn a_backlog_scales_to_the_partition_cap_and_back() {
     ids.dedup();
     assert_eq!(ids.len(), MESSAGES, "every input has its output (at least once)");
 
-    // Lag gone: back to one worker after the 20 s stabilization window.
+    // Lag gone: back to zero after the stabilization window.
     let drained = Instant::now();
-    eventually_on(&cluster, "replicas fall back to 1", Duration::from_secs(120), || async {
+    eventually_on(&cluster, "replicas fall back to zero", Duration::from_secs(150), || async {
         let sp = sps.get("orders").await.ok()?;
         let st = sp.status?;
-        (st.desired_replicas == Some(1) && st.lag == Some(0)).then_some(())
+        (st.desired_replicas == Some(0) && st.lag == Some(0)).then_some(())
     })
     .await;
-    eprintln!("back to 1 replica {:?} after the output was complete", drained.elapsed());
+    eprintln!("back to 0 replicas {:?} after the output was complete", drained.elapsed());
     let down: Vec<String> = events
         .list(&ListParams::default())
         .await

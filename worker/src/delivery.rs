@@ -60,11 +60,29 @@ pub struct OffsetTracker {
     partitions: BTreeMap<i32, PartitionTracker>,
     /// Commit points that advanced since the last `take_commits`.
     dirty: BTreeMap<i32, i64>,
+    /// Revoked and not assigned again. A consumer can still hand over
+    /// messages it fetched before a revocation; tracking them would let this
+    /// worker commit a position in a partition another worker now owns, past
+    /// what that worker has delivered, and a later restart there would skip
+    /// the gap. They are processed (at least once) but never committed here.
+    revoked: std::collections::BTreeSet<i32>,
 }
 
 impl OffsetTracker {
+    /// Track a consumed offset; false when it cannot be (out of order, or the
+    /// partition was revoked from this worker).
     pub fn track(&mut self, partition: i32, offset: i64) -> bool {
+        if self.revoked.contains(&partition) {
+            return false;
+        }
         self.partitions.entry(partition).or_default().track(offset)
+    }
+
+    /// A partition (re)assigned to this worker: track it again from scratch.
+    pub fn assign(&mut self, partition: i32) {
+        self.revoked.remove(&partition);
+        self.partitions.remove(&partition);
+        self.dirty.remove(&partition);
     }
 
     pub fn finish(&mut self, partition: i32, offset: i64) {
@@ -82,6 +100,7 @@ impl OffsetTracker {
     pub fn revoke(&mut self, partition: i32) {
         self.partitions.remove(&partition);
         self.dirty.remove(&partition);
+        self.revoked.insert(partition);
     }
 
     pub fn in_flight(&self) -> usize {
@@ -98,6 +117,23 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_revoked_partition_is_never_committed_until_assigned_again() {
+        let mut t = OffsetTracker::default();
+        assert!(t.track(3, 10));
+        t.revoke(3);
+        // Messages fetched before the revocation still arrive and finish here.
+        assert!(!t.track(3, 11));
+        t.finish(3, 10);
+        t.finish(3, 11);
+        assert_eq!(t.take_commits(), vec![]);
+        assert_eq!(t.commit_point(3), None);
+        t.assign(3);
+        assert!(t.track(3, 40));
+        t.finish(3, 40);
+        assert_eq!(t.take_commits(), vec![(3, 41)]);
+    }
 
     #[test]
     fn commits_the_contiguous_low_water_mark() {

@@ -122,6 +122,12 @@ impl Runtime {
                     }
                     SourceEvent::Assigned(partitions) => {
                         tracing::info!(?partitions, "partitions assigned");
+                        {
+                            let mut t = tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            for p in &partitions {
+                                t.assign(*p);
+                            }
+                        }
                         if let Some(s) = &self.pool.snapshots {
                             for p in partitions {
                                 let mut snapshots = Vec::new();
@@ -183,7 +189,11 @@ fn track(tracker: &Mutex<OffsetTracker>, batch: &[Message]) {
     let mut t = tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     for m in batch {
         if !t.track(m.partition, m.offset) {
-            tracing::warn!(partition = m.partition, offset = m.offset, "offset out of order; not tracked");
+            tracing::debug!(
+                partition = m.partition,
+                offset = m.offset,
+                "not tracked (revoked from this worker, or out of order): processed, never committed here"
+            );
         }
     }
 }

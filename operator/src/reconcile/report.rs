@@ -133,7 +133,10 @@ pub async fn report(
         };
         let direction = if desired > from { "up" } else { "down" };
         ctx.metrics.scale_events.with_label_values(&[&ns, &name, direction]).inc();
-        publish(ctx, &reference, EventType::Normal, "Scaled", "Scale", note).await;
+        // The Recorder folds Events with the same reason and action into one
+        // series that keeps the first note; every transition gets its own.
+        let action = format!("Scale{from}To{desired}");
+        publish(ctx, &reference, EventType::Normal, "Scaled", &action, note).await;
     }
     let was = old.and_then(|o| o.condition(condition::DEGRADED));
     let now_degraded = new.condition(condition::DEGRADED);
