@@ -16,5 +16,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo build --release (the binaries in the image the e2e suites run)"
 cargo build --release --locked -p sluice-worker -p sluice-operator
 step "cargo test"
-cargo test --workspace --locked "$@"
+# Every suite runs and reports, even after one fails.
+cargo test --workspace --locked --no-fail-fast "$@"
 step "done"

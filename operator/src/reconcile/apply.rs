@@ -34,20 +34,25 @@ pub enum ApplyError {
 
 pub async fn apply_all(ctx: &Context, sp: &StreamProcessor, replicas: i32) -> Result<(), ApplyError> {
     let s = &ctx.stores;
-    // The objects do not depend on each other (pods wait for their ConfigMap
-    // and ServiceAccount), so they are applied at once: one round trip, not seven.
+    // Pods wait for their ConfigMap and ServiceAccount, so most objects are
+    // applied at once: one round trip, not seven. The RoleBinding is the
+    // exception: the API server checks that the operator may grant what the
+    // Role holds, and that check fails while the Role does not exist yet.
     let service_account = async {
         match build::service_account(sp) {
             Some(sa) => ensure(ctx, &s.service_accounts, sa, |_, _| true).await,
             None => prune(ctx, &s.service_accounts, sp).await,
         }
     };
+    let rbac = async {
+        ensure(ctx, &s.roles, build::role(sp), |_, _| true).await?;
+        ensure(ctx, &s.role_bindings, build::role_binding(sp), |_, _| true).await
+    };
     let deployment = build::deployment(sp, &ctx.settings, replicas);
     futures::try_join!(
         ensure(ctx, &s.configmaps, build::configmap(sp), |_, _| true),
         service_account,
-        ensure(ctx, &s.roles, build::role(sp), |_, _| true),
-        ensure(ctx, &s.role_bindings, build::role_binding(sp), |_, _| true),
+        rbac,
         ensure(ctx, &s.services, build::service(sp), |_, _| true),
         ensure(ctx, &s.pdbs, build::pdb(sp), |_, _| true),
         ensure(ctx, &s.deployments, deployment, |live, want| live.spec.replicas == want.spec.replicas),
