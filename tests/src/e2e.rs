@@ -195,3 +195,36 @@ pub fn init_logs() {
         .with_test_writer()
         .try_init();
 }
+
+/// The operator's controller run in the test process (admin credentials),
+/// watching one namespace, with the project's image for its workers.
+pub struct InProcessOperator {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessOperator {
+    pub fn start(client: &Client, namespace: &str) -> Self {
+        use sluice_operator::{build::Settings, controller, metrics::Metrics, probe::BrokerProbe};
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let settings =
+            Settings { worker_image: IMAGE.into(), image_pull_policy: "Never".into(), termination_grace_seconds: 10 };
+        let task = tokio::spawn(controller::run(
+            client.clone(),
+            Some(namespace.into()),
+            settings,
+            Metrics::new(),
+            std::sync::Arc::new(BrokerProbe::default()),
+            async move {
+                let _ = stopped.wait_for(|v| *v).await;
+            },
+        ));
+        Self { stop, task }
+    }
+
+    /// Stop the controller and wait (bounded) for it to finish.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}

@@ -6,10 +6,7 @@
 //! replicas fall back to zero after the stabilization window. Every decision
 //! is an Event with the numbers.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event;
 use kube::{
@@ -18,12 +15,10 @@ use kube::{
 };
 use serde_json::json;
 use sluice_crds::StreamProcessor;
-use sluice_operator::{build::Settings, controller, metrics::Metrics, probe::BrokerProbe};
 use sluice_tests::{
     brokers::{Kafka, KafkaConfig},
-    e2e::{IMAGE, condition, eventually_on, restricted_namespace, start_cluster},
+    e2e::{InProcessOperator, condition, eventually_on, restricted_namespace, start_cluster},
 };
-use tokio::sync::watch;
 
 const NS: &str = "scaling";
 const MESSAGES: usize = 20_000;
@@ -42,20 +37,7 @@ async fn a_backlog_scales_to_the_partition_cap_and_back() {
     kafka.create_topic("orders", 12).expect("create orders");
     kafka.create_topic("orders-out", 12).expect("create orders-out");
 
-    let (stop, stopped) = watch::channel(false);
-    let settings =
-        Settings { worker_image: IMAGE.into(), image_pull_policy: "Never".into(), termination_grace_seconds: 10 };
-    let operator = tokio::spawn(controller::run(
-        client.clone(),
-        Some(NS.into()),
-        settings,
-        Metrics::new(),
-        Arc::new(BrokerProbe::default()),
-        async move {
-            let mut s = stopped;
-            let _ = s.wait_for(|v| *v).await;
-        },
-    ));
+    let operator = InProcessOperator::start(&client, NS);
 
     let sps: Api<StreamProcessor> = Api::namespaced(client.clone(), NS);
     let sp: StreamProcessor = serde_json::from_value(json!({
@@ -160,6 +142,5 @@ async fn a_backlog_scales_to_the_partition_cap_and_back() {
         .collect();
     assert!(!down.is_empty(), "no scale-down Event");
 
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+    operator.stop().await;
 }

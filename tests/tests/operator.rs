@@ -8,7 +8,7 @@
 //! sluice-operator`); `make test` provides all three. Missing ones FAIL with
 //! the command to run.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use k8s_openapi::api::{
     apps::v1::Deployment,
@@ -23,9 +23,9 @@ use kube::{
 };
 use serde_json::json;
 use sluice_crds::StreamProcessor;
-use sluice_operator::{build::Settings, controller, metrics::Metrics, probe::BrokerProbe};
-use sluice_tests::e2e::{IMAGE, condition, eventually, install_crd, restricted_namespace, start_cluster};
-use tokio::sync::watch;
+use sluice_tests::e2e::{
+    IMAGE, InProcessOperator, condition, eventually, install_crd, restricted_namespace, start_cluster,
+};
 
 const NS: &str = "sluice-e2e";
 
@@ -56,20 +56,7 @@ async fn operator_runs_a_processor_on_the_real_node() {
     install_crd(&client).await;
     restricted_namespace(&client, NS).await;
 
-    let (stop, stopped) = watch::channel(false);
-    let settings =
-        Settings { worker_image: IMAGE.into(), image_pull_policy: "Never".into(), termination_grace_seconds: 10 };
-    let operator = tokio::spawn(controller::run(
-        client.clone(),
-        Some(NS.into()),
-        settings,
-        Metrics::new(),
-        Arc::new(BrokerProbe::default()),
-        async move {
-            let mut s = stopped;
-            let _ = s.wait_for(|v| *v).await;
-        },
-    ));
+    let operator = InProcessOperator::start(&client, NS);
 
     let sps: Api<StreamProcessor> = Api::namespaced(client.clone(), NS);
     let sp: StreamProcessor = serde_json::from_value(generator_processor("counts")).expect("manifest");
@@ -197,8 +184,7 @@ async fn operator_runs_a_processor_on_the_real_node() {
     })
     .await;
 
-    let _ = stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+    operator.stop().await;
 }
 
 async fn deployment_hash(client: &Client) -> String {
