@@ -10,6 +10,8 @@
 //! bootstrap    CoreDNS RBAC, kube-dns, host services, KWOK nodes, readiness waits
 //! cleanup      what `down` removes from the host
 //! image        buildah/mmdebstrap images, `ctr images import`
+//! server, kafka a host server process; Apache Kafka on it (the demo's and the suites' broker)
+//! keda         optional KEDA: its CRDs, operator and metrics adapter, the external metrics APIService
 //! cluster      Cluster::start / Drop: the library API the tests use
 //! ```
 
@@ -24,9 +26,12 @@ pub mod dns;
 pub mod e2e;
 pub mod host;
 pub mod image;
+pub mod keda;
+pub mod kafka;
 pub mod kubeconfig;
 pub mod pki;
 pub mod runtime;
+pub mod server;
 pub mod template;
 
 pub use cluster::{Cluster, ClusterError, ClusterOptions};
