@@ -30,6 +30,11 @@ struct Worker {
 
 impl Worker {
     fn start(spec: &Path, log: PathBuf) -> Worker {
+        Worker::start_as(spec, log, "connectors-test")
+    }
+
+    /// A worker with its own pod name (client id), as each pod of a Deployment has.
+    fn start_as(spec: &Path, log: PathBuf, pod: &str) -> Worker {
         let out = File::options().create(true).append(true).open(&log).expect("worker log file");
         let err = out.try_clone().expect("worker log file");
         let child = Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
@@ -37,7 +42,7 @@ impl Worker {
             .arg(spec)
             .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
             .env("LOG_LEVEL", "info,rdkafka=warn")
-            .env("POD_NAME", "connectors-test")
+            .env("POD_NAME", pod)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -50,6 +55,14 @@ impl Worker {
     fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as a scale-down does: the worker drains, commits and leaves
+    /// its group; waits for it to exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill -TERM");
+        assert!(status.success(), "kill -TERM failed");
+        self.child.wait().expect("wait for the worker")
     }
 
     fn log_tail(&self) -> String {
@@ -227,6 +240,50 @@ fn kill_9_mid_stream_then_restart_delivers_everything() {
             records.len()
         );
         assert!((at_kill.len() as u64) < N, "the kill came before the end of the stream");
+    });
+}
+
+/// Two workers of one group, as two pods of a Deployment: the second joins
+/// mid-stream (partitions move to it), then the first is stopped with
+/// SIGTERM mid-stream (its partitions move back). Nothing is lost; the
+/// duplicates (work redone after a handover) are counted.
+#[test]
+fn two_workers_in_one_group_hand_partitions_over_without_loss() {
+    let kafka = Kafka::start();
+    kafka.create_topic("in", 8).expect("topic");
+    kafka.create_topic("out", 8).expect("topic");
+    kafka.create_topic("dlq", 1).expect("topic");
+    const N: u64 = 100_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&kafka, "in", "out", "dlq", "pair"));
+    let all = inputs(N);
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(|| {
+            for chunk in all.chunks(2_000) {
+                kafka.produce("in", chunk.iter().cloned()).expect("produce");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let mut a = Worker::start_as(&spec, dir.path().join("worker-a.log"), "worker-a");
+        wait_for_ids(&kafka, "out", 10_000, &mut a);
+        let mut b = Worker::start_as(&spec, dir.path().join("worker-b.log"), "worker-b");
+        let joined = std::time::Instant::now();
+        wait_for_ids(&kafka, "out", 40_000, &mut b);
+        a.assert_running();
+        let b_log = std::fs::read_to_string(dir.path().join("worker-b.log")).unwrap_or_default();
+        assert!(b_log.contains("partitions assigned"), "worker B never got partitions from A:\n{}", b.log_tail());
+        let status = a.terminate();
+        assert!(status.success(), "worker A exited with {status} after SIGTERM; its log:\n{}", a.log_tail());
+        let a_log = std::fs::read_to_string(dir.path().join("worker-a.log")).unwrap_or_default();
+        assert!(a_log.contains("partitions revoked"), "worker A never gave partitions to B:\n{}", a.log_tail());
+        let records = wait_for_ids(&kafka, "out", N as usize, &mut b);
+        producer.join().expect("producer thread");
+        let duplicates = check_output(&records, N);
+        eprintln!(
+            "two workers: B joined after 10,000 ids ({:?} to 40,000), A stopped by SIGTERM; {} records out, {duplicates} duplicates",
+            joined.elapsed(),
+            records.len()
+        );
     });
 }
 
