@@ -24,6 +24,7 @@ use crate::components;
 use crate::config::{ClusterConfig, Network, Ports, run_dir_for};
 use crate::host::{self, HostError, PortAllocator};
 use crate::image::{self, ImageError};
+use crate::keda::{self, KedaConfig, KedaError};
 use crate::kubeconfig::{self, KubeconfigError};
 use crate::pki::{self, CertSpec, PkiError, TinyCa};
 use crate::runtime::{Runtime, RuntimeError};
@@ -45,6 +46,8 @@ pub enum ClusterError {
     Bootstrap(#[from] BootstrapError),
     #[error("importing images: {0}")]
     Image(#[from] ImageError),
+    #[error("KEDA: {0}")]
+    Keda(#[from] KedaError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -71,6 +74,10 @@ pub struct ClusterOptions {
     pub images: Vec<PathBuf>,
     /// Deadline for the whole start.
     pub timeout: Duration,
+    /// Also run KEDA from this build folder of dev/scripts/build-keda.sh
+    /// (usually [`keda::default_dir`]): its CRDs, operator, metrics adapter
+    /// and the external.metrics.k8s.io APIService. Off by default.
+    pub keda: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -82,6 +89,7 @@ impl Default for ClusterOptions {
             virtual_nodes: 0,
             images: Vec::new(),
             timeout: Duration::from_secs(180),
+            keda: None,
         }
     }
 }
@@ -96,6 +104,7 @@ pub struct StartTimings {
 
 pub struct Cluster {
     config: ClusterConfig,
+    keda: Option<KedaConfig>,
     runtime: Runtime,
     teardown: Teardown,
     timings: StartTimings,
@@ -136,6 +145,9 @@ impl Cluster {
     pub async fn start(opts: ClusterOptions) -> Result<Cluster, ClusterError> {
         host::check_host()?;
         host::check_binaries(&opts.bin_dir)?;
+        if let Some(dir) = &opts.keda {
+            keda::check_build(dir)?;
+        }
         let lock = lock_host()?;
         let t0 = Instant::now();
         let (temp, state_dir) = match &opts.state_dir {
@@ -187,6 +199,15 @@ impl Cluster {
             virtual_nodes: opts.virtual_nodes,
             pause_image: image::PAUSE_IMAGE.into(),
         };
+        let keda = match &opts.keda {
+            Some(dir) => Some(KedaConfig {
+                dir: dir.clone(),
+                grpc_port: ports.allocate()?,
+                operator_health_port: ports.allocate()?,
+                adapter_port: ports.allocate()?,
+            }),
+            None => None,
+        };
         let teardown = Teardown {
             state_dir: config.state_dir.clone(),
             run_dir: config.run_dir.clone(),
@@ -200,6 +221,7 @@ impl Cluster {
         let mut cluster = Cluster {
             runtime: Runtime::new(config.logs_dir()),
             config,
+            keda,
             teardown,
             timings: StartTimings::default(),
             stopped: false,
@@ -262,6 +284,19 @@ impl Cluster {
         if c.virtual_nodes > 0 {
             bootstrap::create_kwok_nodes(&client, c.virtual_nodes).await?;
         }
+        match self.keda.clone() {
+            Some(k) => {
+                keda::write_pki(&c)?;
+                keda::apply_namespace(&client).await?;
+                keda::apply_crds(&client, &k.dir, opts.timeout).await?;
+                self.runtime.start(vec![keda::operator(&c, &k), keda::adapter(&c, &k)]).await?;
+                keda::register_api_service(&client, &c, &k, Duration::from_secs(60)).await?;
+                tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "KEDA is up");
+            }
+            // A state folder that ran KEDA before: its APIService would name
+            // an adapter that is not running.
+            None => keda::unregister_api_service(&client).await,
+        }
         self.timings.total = t0.elapsed();
         tracing::info!(
             node_ready_ms = self.timings.node_ready.as_millis() as u64,
@@ -273,6 +308,11 @@ impl Cluster {
 
     pub fn config(&self) -> &ClusterConfig {
         &self.config
+    }
+
+    /// KEDA's ports and build folder when it was started.
+    pub fn keda(&self) -> Option<&KedaConfig> {
+        self.keda.as_ref()
     }
 
     pub fn timings(&self) -> StartTimings {
@@ -500,7 +540,7 @@ fn write_pki(c: &ClusterConfig) -> Result<(), ClusterError> {
     issue(&ca, "controller-manager-serving", CertSpec::server("kube-controller-manager", &["localhost"], &[lo]))?;
     issue(&ca, "scheduler-serving", CertSpec::server("kube-scheduler", &["localhost"], &[lo]))?;
     let node_user = format!("system:node:{}", c.node_name);
-    let identities: [(&str, &str, &[&str]); 7] = [
+    let identities: [(&str, &str, &[&str]); 9] = [
         ("admin", "sluice-admin", &["system:masters"]),
         ("kube-controller-manager", "system:kube-controller-manager", &[]),
         ("kube-scheduler", "system:kube-scheduler", &[]),
@@ -508,6 +548,9 @@ fn write_pki(c: &ClusterConfig) -> Result<(), ClusterError> {
         ("kube-proxy", "system:kube-proxy", &[]),
         ("coredns", "system:coredns", &[]),
         ("kwok", "system:kwok", &["system:masters"]),
+        // KEDA, when asked for (crate::keda): host processes like KWOK.
+        (crate::keda::OPERATOR, "system:keda-operator", &["system:masters"]),
+        (crate::keda::ADAPTER, "system:keda-metrics-adapter", &["system:masters"]),
     ];
     for (file, user, groups) in identities {
         issue(&ca, &format!("{file}-client"), CertSpec::client(user, groups))?;

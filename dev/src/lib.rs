@@ -12,6 +12,7 @@
 //! image        buildah/mmdebstrap images, `ctr images import`
 //! server, kafka a host server process; Apache Kafka on it (the demo's and the suites' broker)
 //! keda         optional KEDA: its CRDs, operator and metrics adapter, the external metrics APIService
+//! keda         optional KEDA: its CRDs, operator and metrics adapter, the external metrics APIService
 //! cluster      Cluster::start / Drop: the library API the tests use
 //! ```
 
@@ -26,6 +27,7 @@ pub mod dns;
 pub mod e2e;
 pub mod host;
 pub mod image;
+pub mod keda;
 pub mod keda;
 pub mod kafka;
 pub mod kubeconfig;

@@ -31,6 +31,13 @@ enum Cmd {
         /// Folder of the cluster binaries (default: the last build-cluster.sh build).
         #[arg(long, env = "SLUICE_CLUSTER_BIN_DIR")]
         bin_dir: Option<PathBuf>,
+        /// Optional parts to run as well (repeatable): `keda` (built by
+        /// dev/scripts/build-keda.sh) runs KEDA's operator and metrics adapter.
+        #[arg(long = "with", value_enum)]
+        with: Vec<Addon>,
+        /// KEDA's build folder (default: the last build-keda.sh build).
+        #[arg(long, env = "SLUICE_KEDA_DIR")]
+        keda_dir: Option<PathBuf>,
     },
     /// Stop a cluster started with `up` and remove everything it left on the host.
     Down,
@@ -59,6 +66,12 @@ enum Cmd {
         #[arg(long)]
         no_import: bool,
     },
+}
+
+/// Optional parts of the cluster (`up --with`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Addon {
+    Keda,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -96,7 +109,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let state = cli.state_dir.unwrap_or_else(default_state_dir);
     match cli.command {
-        Cmd::Up { virtual_nodes, images, bin_dir } => up(state, virtual_nodes, images, bin_dir).await,
+        Cmd::Up { virtual_nodes, images, bin_dir, with, keda_dir } => {
+            let keda = with.contains(&Addon::Keda).then(|| keda_dir.unwrap_or_else(sluice_dev::keda::default_dir));
+            up(state, virtual_nodes, images, bin_dir, keda).await
+        }
         Cmd::Down => down(&state),
         Cmd::Kubeconfig => {
             let path = state.join("kubeconfig/admin.yaml");
@@ -141,7 +157,13 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn up(state: PathBuf, virtual_nodes: u32, images: Vec<PathBuf>, bin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+async fn up(
+    state: PathBuf,
+    virtual_nodes: u32,
+    images: Vec<PathBuf>,
+    bin_dir: Option<PathBuf>,
+    keda: Option<PathBuf>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
     if let Some(pid) = std::fs::read_to_string(up_pid_path(&state))
         .ok()
@@ -152,7 +174,7 @@ async fn up(state: PathBuf, virtual_nodes: u32, images: Vec<PathBuf>, bin_dir: O
     }
     std::fs::write(up_pid_path(&state), std::process::id().to_string())?;
     let mut opts =
-        ClusterOptions { state_dir: Some(state.clone()), virtual_nodes, images, ..ClusterOptions::default() };
+        ClusterOptions { state_dir: Some(state.clone()), virtual_nodes, images, keda, ..ClusterOptions::default() };
     if let Some(b) = bin_dir {
         opts.bin_dir = b;
     }
