@@ -7,6 +7,7 @@ use std::{future::Future, sync::Arc};
 use futures::StreamExt;
 use k8s_openapi::api::{
     apps::v1::Deployment,
+    autoscaling::v2::HorizontalPodAutoscaler,
     core::v1::{ConfigMap, Service, ServiceAccount},
     policy::v1::PodDisruptionBudget,
     rbac::v1::{Role, RoleBinding},
@@ -17,7 +18,7 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         events::{Recorder, Reporter},
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
@@ -72,7 +73,15 @@ pub async fn run(
     let (role_bindings, rb_events) = child!(RoleBinding);
     let (services, service_events) = child!(Service);
     let (pdbs, pdb_events) = child!(PodDisruptionBudget);
-    let stores = Stores { deployments, configmaps, service_accounts, roles, role_bindings, services, pdbs };
+    // HPAs are not ours: every one is watched, and one that targets a
+    // StreamProcessor (its own namespace, kind StreamProcessor, group
+    // sluice.io) triggers that processor's reconcile (crate::hpa).
+    let (hpas, hpa_writer) = reflector::store::<HorizontalPodAutoscaler>();
+    let hpa_events = watcher(api::<HorizontalPodAutoscaler>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect(hpa_writer)
+        .touched_objects();
+    let stores = Stores { deployments, configmaps, service_accounts, roles, role_bindings, services, pdbs, hpas };
 
     let recorder = Recorder::new(
         client.clone(),
@@ -93,6 +102,11 @@ pub async fn run(
         .owns_stream(rb_events)
         .owns_stream(service_events)
         .owns_stream(pdb_events)
+        .watches_stream(hpa_events, |hpa: HorizontalPodAutoscaler| {
+            let (ns, name) = (hpa.metadata.namespace.clone().unwrap_or_default(), &hpa.spec.scale_target_ref.name);
+            crate::hpa::targets(&hpa, &ns, name)
+                .then(|| ObjectRef::<DeserializeGuard<StreamProcessor>>::new(name).within(&ns))
+        })
         .graceful_shutdown_on(shutdown)
         .run(
             move |obj, ctx: Arc<Context>| {
@@ -126,4 +140,7 @@ async fn wait_ready(s: &Stores) {
     one(&s.role_bindings).await;
     one(&s.services).await;
     one(&s.pdbs).await;
+    // Not the HPAs: a chart without their RBAC must not stop every reconcile
+    // (their watch backs off and logs); an HPA that arrives later triggers
+    // its processor's reconcile.
 }

@@ -4,6 +4,7 @@
 pub mod autoscale;
 pub mod build;
 pub mod controller;
+pub mod hpa;
 pub mod http;
 pub mod metrics;
 pub mod probe;

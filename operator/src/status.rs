@@ -6,7 +6,7 @@
 //! |----------------|-----------------------------------------|---------|
 //! | Ready          | every desired worker is ready           | Running, ScaledToZero / InvalidSpec, SecretMissing, WorkersNotReady, Pending |
 //! | Progressing    | a rollout or scale change is under way  | RollingOut / Stable |
-//! | Degraded       | something needs a person                | InvalidSpec, SecretMissing, BrokerUnreachable, PartitionsStuck, ScalerConflict / AsExpected |
+//! | Degraded       | something needs a person                | InvalidSpec, SecretMissing, BrokerUnreachable, PartitionsStuck, ScalingConflict, AutoscalerFailing / AsExpected |
 //! | ScalingLimited | the lag asks for more than a cap allows | MaxReplicas, PartitionCount, PartitionsWithLag / WithinLimits |
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};

@@ -25,6 +25,7 @@ use std::{
 
 use k8s_openapi::api::{
     apps::v1::Deployment,
+    autoscaling::v2::HorizontalPodAutoscaler,
     core::v1::{ConfigMap, Service, ServiceAccount},
     policy::v1::PodDisruptionBudget,
     rbac::v1::{Role, RoleBinding},
@@ -56,6 +57,9 @@ pub struct Stores {
     pub role_bindings: Store<RoleBinding>,
     pub services: Store<Service>,
     pub pdbs: Store<PodDisruptionBudget>,
+    /// Every HPA (not only the operator's: it owns none), to find those that
+    /// target a StreamProcessor (crate::hpa).
+    pub hpas: Store<HorizontalPodAutoscaler>,
 }
 
 /// Autoscaler state of one StreamProcessor between reconciles.
@@ -157,19 +161,24 @@ async fn reconcile_processor(sp: &StreamProcessor, ctx: &Context) -> Result<Acti
         Err(None) => (Default::default(), spec_problem),
     };
 
+    // HPAs (KEDA's or plain) on the scale subresource: conflicts, failures.
+    let autoscalers = crate::hpa::targeting(ctx.stores.hpas.state().iter().map(|h| h.as_ref()), &ns, &name);
+    let autoscaler_problems = crate::hpa::problems(sp.spec.scaling.is_some(), &autoscalers);
+
     let live = ctx.stores.deployments.get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns));
     let current = live.as_ref().and_then(|d| d.spec.replicas).unwrap_or(0);
 
     if let Some(problem) = problem {
         // Keep the last good workers; say what is wrong; wait for a fix.
         warn!(namespace = %ns, name = %name, reason = problem.reason, "{}; keeping the last good workers until it is fixed", problem.message);
-        report::report(ctx, sp, live.as_deref(), Some(problem), &[], current, None).await?;
+        report::report(ctx, sp, live.as_deref(), Some(problem), &autoscaler_problems, current, None).await?;
         // Secrets are not watched: look again in a while.
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
 
     // scale
-    let replicas = scale::decide(ctx, sp, &secrets, current, live.is_some()).await;
+    let mut replicas = scale::decide(ctx, sp, &secrets, current, live.is_some()).await;
+    replicas.problems.extend(autoscaler_problems);
 
     // build + apply
     apply::apply_all(ctx, sp, replicas.desired).await?;
