@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 pub mod brokers;
 pub mod e2e;
+pub mod keda;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
