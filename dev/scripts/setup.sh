@@ -8,6 +8,7 @@
 #   venv-<hash>/      PyPI tools pinned in dev/requirements.txt
 #   cargo-target/     the shared Cargo target dir
 #   cluster/<key>/    Kubernetes, containerd, CoreDNS, KWOK, helm built from pinned Go modules
+#   keda/<key>/       KEDA's operator and metrics adapter (and its CRDs) from its pinned Go module
 #   kafka/<version>/  Apache Kafka jars from Maven Central
 set -euo pipefail
 
@@ -46,10 +47,14 @@ fi
 # --- The local cluster's binaries ----------------------------------------------
 cluster_bin=$(bash "$root/dev/scripts/build-cluster.sh")
 
+# --- KEDA, for the KEDA suite and benchmark (about 13 minutes cold) -------------
+keda_bin=$(bash "$root/dev/scripts/build-keda.sh")
+
 # --- Apache Kafka jars from Maven Central (the test brokers) -------------------
 kafka_libs=$(bash "$root/dev/kafka/fetch.sh")
 
 echo "export CARGO_TARGET_DIR=\"\${CARGO_TARGET_DIR:-$cache/cargo-target}\""
 echo "export PATH=\"$venv/bin:$cluster_bin:\$PATH\""
 echo "export SLUICE_CLUSTER_BIN=\"$cluster_bin\""
+echo "export SLUICE_KEDA_DIR=\"${keda_bin%/bin}\""
 echo "export SLUICE_KAFKA_LIBS=\"$kafka_libs\""
