@@ -8,3 +8,8 @@ test:   ## fmt, clippy and every test suite against real servers
 crd:    ## regenerate the checked-in CRD after an API change
 	cargo run -q -p sluice-operator -- crd > charts/sluice/crds/streamprocessors.sluice.io.yaml
 	cargo run -q -p sluice-operator -- api-docs > docs/api.md
+
+demo:   ## the quickstart on a local cluster: Kafka, a burst, workers scaling up and back down (Linux, root)
+	bash -c 'set -euo pipefail; eval "$$(bash dev/scripts/setup.sh)"; \
+	  cargo build --release --locked -p sluice-operator -p sluice-worker -p sluice-dev; \
+	  exec "$$CARGO_TARGET_DIR/release/sluice-dev" demo $(DEMO_ARGS)'

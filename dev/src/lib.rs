@@ -12,8 +12,8 @@
 //! image        buildah/mmdebstrap images, `ctr images import`
 //! server, kafka a host server process; Apache Kafka on it (the demo's and the suites' broker)
 //! keda         optional KEDA: its CRDs, operator and metrics adapter, the external metrics APIService
-//! keda         optional KEDA: its CRDs, operator and metrics adapter, the external metrics APIService
 //! cluster      Cluster::start / Drop: the library API the tests use
+//! demo         `sluice-dev demo`: cluster, chart, Kafka, load, live view, picture
 //! ```
 
 pub mod audit;
@@ -23,13 +23,13 @@ pub mod cluster;
 pub mod component;
 pub mod components;
 pub mod config;
+pub mod demo;
 pub mod dns;
 pub mod e2e;
 pub mod host;
 pub mod image;
-pub mod keda;
-pub mod keda;
 pub mod kafka;
+pub mod keda;
 pub mod kubeconfig;
 pub mod pki;
 pub mod runtime;

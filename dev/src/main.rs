@@ -1,4 +1,4 @@
-//! `sluice-dev`: up, down, kubeconfig, image. See dev/README.md.
+//! `sluice-dev`: up, down, kubeconfig, image, demo. See dev/README.md.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -41,6 +41,25 @@ enum Cmd {
     },
     /// Stop a cluster started with `up` and remove everything it left on the host.
     Down,
+    /// The quickstart end to end: cluster, chart, a real Kafka, a load with a
+    /// burst, and a live view of the workers scaling up and back down.
+    Demo {
+        /// Stop by itself this many seconds after the load starts (default: at Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Where to draw the run (lag and workers over time).
+        #[arg(long, default_value = "docs/demo.svg")]
+        svg: PathBuf,
+        /// Also write the run as JSON (samples, max replicas, scaled up and down).
+        #[arg(long)]
+        summary: Option<PathBuf>,
+        /// Folder with the release sluice-operator and sluice-worker (default: this binary's).
+        #[arg(long)]
+        binaries: Option<PathBuf>,
+        /// Orders in the burst.
+        #[arg(long)]
+        burst: Option<u64>,
+    },
     /// Print the path of the admin kubeconfig.
     Kubeconfig,
     /// Build an image from a Dockerfile with buildah and import it into the node.
@@ -114,6 +133,9 @@ async fn main() -> anyhow::Result<()> {
             up(state, virtual_nodes, images, bin_dir, keda).await
         }
         Cmd::Down => down(&state),
+        Cmd::Demo { duration, svg, summary, binaries, burst } => {
+            demo(state, duration, svg, summary, binaries, burst).await
+        }
         Cmd::Kubeconfig => {
             let path = state.join("kubeconfig/admin.yaml");
             if !path.exists() {
@@ -207,6 +229,44 @@ async fn up(
     drop(cluster);
     let _ = std::fs::remove_file(up_pid_path(&state));
     eprintln!("stopped in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Claims the state folder as `up` does (so `sluice-dev down` stops a demo
+/// too), runs the demo, and fails when it did not stop everything it started.
+async fn demo(
+    state: PathBuf,
+    duration: Option<u64>,
+    svg: PathBuf,
+    summary: Option<PathBuf>,
+    binaries: Option<PathBuf>,
+    burst: Option<u64>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    if let Some(pid) = std::fs::read_to_string(up_pid_path(&state))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|p| pid_alive(*p))
+    {
+        bail!("a cluster already runs from {} (pid {pid}); stop it with: sluice-dev down", state.display());
+    }
+    std::fs::write(up_pid_path(&state), std::process::id().to_string())?;
+    let exe_dir = std::env::current_exe()?.parent().map(Path::to_path_buf).unwrap_or_default();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut opts = sluice_dev::demo::DemoOptions::new(repo, binaries.unwrap_or(exe_dir));
+    opts.state_dir = Some(state.clone());
+    opts.duration = duration.map(Duration::from_secs);
+    opts.svg = svg;
+    opts.summary = summary;
+    if let Some(n) = burst {
+        opts.load.burst_messages = n;
+    }
+    let result = sluice_dev::demo::run(opts, sluice_dev::demo::interrupted()).await;
+    let _ = std::fs::remove_file(up_pid_path(&state));
+    let summary = result?;
+    if !summary.left_running.is_empty() {
+        bail!("the demo left processes running: {:?}", summary.left_running);
+    }
     Ok(())
 }
 
