@@ -3,14 +3,17 @@
 //! Security Standard, under the chart's own ServiceAccount and RBAC; it
 //! reconciles a processor to Ready; the standby takes over when the leader
 //! dies; a steady state costs no writes; the audit log shows no 403 for the
-//! operator; the API server enforces the CRD's rules; upgrade and uninstall work.
+//! operator, and every (verb, resource) the chart grants it is used or is
+//! justified in charts/sluice/templates/rbac.yaml; the API server enforces the
+//! CRD's rules; upgrade and uninstall work.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     process::Output,
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{apps::v1::Deployment, coordination::v1::Lease, core::v1::Pod};
+use k8s_openapi::api::{apps::v1::Deployment, coordination::v1::Lease, core::v1::Pod, rbac::v1::ClusterRole};
 use kube::{
     Api, ResourceExt,
     api::{ListParams, PostParams},
@@ -49,6 +52,59 @@ fn kubectl(cluster: &Cluster, args: &[&str]) -> Output {
     cluster.kubectl().args(args).output().expect("run kubectl")
 }
 
+/// Every (verb, resource) a ClusterRole grants, `resource/subresource` for subresources.
+fn grants(role: &ClusterRole) -> BTreeSet<(String, String)> {
+    role.rules
+        .iter()
+        .flatten()
+        .flat_map(|rule| {
+            let resources = rule.resources.clone().unwrap_or_default();
+            rule.verbs
+                .iter()
+                .flat_map(|verb| resources.iter().map(|r| (verb.clone(), r.clone())).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The grants charts/sluice/templates/rbac.yaml says the operator keeps
+/// although this e2e never uses them, from its lines
+/// `justified: <verb> <resource>[,<resource>...] -- <why>`.
+fn justified_grants() -> BTreeMap<(String, String), String> {
+    let path = repo_root().join("charts/sluice/templates/rbac.yaml");
+    let text = std::fs::read_to_string(&path).expect("read the chart's RBAC template");
+    let mut justified = BTreeMap::new();
+    for line in text.lines().filter_map(|l| l.trim().strip_prefix("justified:")) {
+        let (grant, why) = line
+            .split_once(" -- ")
+            .unwrap_or_else(|| panic!("{}: `justified:{line}` gives no ` -- <why>`", path.display()));
+        let mut words = grant.split_whitespace();
+        let (Some(verb), Some(resources), None) = (words.next(), words.next(), words.next()) else {
+            panic!("{}: `justified:{line}` is not `<verb> <resource>[,<resource>...] -- <why>`", path.display())
+        };
+        assert!(!why.trim().is_empty(), "{}: `justified:{line}` gives no reason", path.display());
+        for resource in resources.split(',') {
+            justified.insert((verb.to_string(), resource.to_string()), why.trim().to_string());
+        }
+    }
+    justified
+}
+
+/// The operator's (verb, resource[/subresource]) pairs in the audit log so far.
+fn operator_requests(cluster: &Cluster) -> BTreeSet<(String, String)> {
+    cluster
+        .audit_records()
+        .expect("audit")
+        .iter()
+        .filter(|r| r.user == OPERATOR_USER)
+        .map(|r| {
+            let resource =
+                if r.subresource.is_empty() { r.resource.clone() } else { format!("{}/{}", r.resource, r.subresource) };
+            (r.verb.clone(), resource)
+        })
+        .collect()
+}
+
 async fn lease_holder(client: &kube::Client) -> Option<String> {
     let lease = Api::<Lease>::namespaced(client.clone(), SYSTEM).get_opt("sluice-operator").await.ok()??;
     lease.spec?.holder_identity.filter(|h| !h.is_empty())
@@ -78,6 +134,15 @@ async fn the_chart_runs_the_operator_under_its_own_rbac() {
     );
     assert!(out.status.success(), "helm install failed:\n{}", text(&out));
     assert!(text(&out).contains("kubectl get sp -A -w"), "NOTES.txt tells the user what to run next:\n{}", text(&out));
+    let roles = Api::<ClusterRole>::all(client.clone())
+        .list(&ListParams::default().labels("app.kubernetes.io/instance=sluice"))
+        .await
+        .expect("the chart's ClusterRoles");
+    let granted: BTreeSet<(String, String)> = roles.items.iter().flat_map(grants).collect();
+    let justified = justified_grants();
+    for grant in justified.keys() {
+        assert!(granted.contains(grant), "rbac.yaml justifies {grant:?}, which the chart does not grant: {granted:?}");
+    }
 
     // The API server enforces the CRD's schema and CEL rules, with the field in its message.
     for entry in std::fs::read_dir(repo_root().join("examples/invalid")).expect("examples/invalid") {
@@ -226,4 +291,25 @@ async fn the_chart_runs_the_operator_under_its_own_rbac() {
     .await;
     let crd = kubectl(&cluster, &["get", "crd", "streamprocessors.sluice.io", "-o", "name"]);
     assert!(crd.status.success(), "the CRD must stay (helm keeps crds/): {}", text(&crd));
+
+    // Every grant was used, or the template says why it stays. Watches enter
+    // the audit log when they end, which the operator pods' exit made sure of;
+    // the API server writes its audit batch every second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (unused, used) = loop {
+        let used = operator_requests(&cluster);
+        let unused: Vec<_> = granted.iter().filter(|g| !used.contains(*g) && !justified.contains_key(*g)).collect();
+        if unused.is_empty() || Instant::now() > deadline {
+            break (unused, used);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert!(
+        unused.is_empty(),
+        "the chart grants the operator {unused:?}, which it never used in this e2e (audit log) and which \
+         charts/sluice/templates/rbac.yaml does not justify: remove the grant, or add a line \
+         `justified: <verb> <resource> -- <why>` to its comment. Used: {used:?}"
+    );
+    let unneeded: Vec<_> = justified.keys().filter(|g| used.contains(*g)).collect();
+    eprintln!("RBAC: {} grants, {} used, justified but used anyway: {unneeded:?}", granted.len(), used.len());
 }
