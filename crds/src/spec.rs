@@ -82,9 +82,10 @@ pub struct StreamProcessorSpec {
     pub delivery: Delivery,
 
     /// Worker replicas when `scaling` is absent; the scale subresource points
-    /// here, so `kubectl scale`, an HPA or KEDA can drive it.
+    /// here, so `kubectl scale`, an HPA or KEDA can drive it. Defaults to 1
+    /// in the API server: the scale subresource fails while it is absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 1000))]
+    #[schemars(range(min = 0, max = 1000), extend("default" = 1))]
     pub replicas: Option<i32>,
 
     /// Built-in autoscaling on consumer lag and partition count.

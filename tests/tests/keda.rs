@@ -159,12 +159,14 @@ async fn keda_and_hpas_scale_stream_processors_through_the_scale_subresource() {
         .await;
     eprintln!("ScaledObject at a missing StreamProcessor: Ready=False {reason}: {message}");
 
-    apply(&sps, "keda", &processor("keda", &bootstrap, "orders", json!({}))).await;
+    // spec.replicas as a user sets it: applied, so that managedFields show it
+    // move to the HPA controller (a defaulted one has no manager until then).
+    apply(&sps, "keda", &processor("keda", &bootstrap, "orders", json!({"replicas": 1}))).await;
     eventually_on(&cluster, "the KEDA-driven processor runs one worker", Duration::from_secs(120), || async {
         let sp = sps.get("keda").await.ok()?;
         let so = sos.get("keda-so").await.ok()?;
         (condition(&sp, "Ready")?.0 == "True"
-            && sp.spec.replicas == Some(1)
+            && condition(&sp, "Degraded")?.1 == "AsExpected"
             && scaled_object_condition(&so, "Ready")?.0 == "True")
             .then_some(())
     })
