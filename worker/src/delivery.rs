@@ -66,6 +66,9 @@ pub struct OffsetTracker {
     /// what that worker has delivered, and a later restart there would skip
     /// the gap. They are processed (at least once) but never committed here.
     revoked: std::collections::BTreeSet<i32>,
+    /// Per partition, the first offset an open window still needs: nothing
+    /// at or past it may be committed until the window's result is delivered.
+    holds: BTreeMap<i32, i64>,
 }
 
 impl OffsetTracker {
@@ -83,6 +86,27 @@ impl OffsetTracker {
         self.revoked.remove(&partition);
         self.partitions.remove(&partition);
         self.dirty.remove(&partition);
+        self.holds.remove(&partition);
+    }
+
+    /// An open window's hold on `partition` (None: released).
+    pub fn hold(&mut self, partition: i32, hold: Option<i64>) {
+        match hold {
+            Some(h) => self.holds.insert(partition, h),
+            None => self.holds.remove(&partition),
+        };
+    }
+
+    /// What may be committed for `partition`: the commit point, held back
+    /// by open windows.
+    pub fn safe_point(&self, partition: i32) -> Option<i64> {
+        let point = self.commit_point(partition)?;
+        Some(self.holds.get(&partition).map_or(point, |h| point.min(*h)))
+    }
+
+    /// Whether every tracked offset of `partition` has finished.
+    pub fn drained(&self, partition: i32) -> bool {
+        self.partitions.get(&partition).is_none_or(|p| p.in_flight() == 0)
     }
 
     pub fn finish(&mut self, partition: i32, offset: i64) {
@@ -100,6 +124,7 @@ impl OffsetTracker {
     pub fn revoke(&mut self, partition: i32) {
         self.partitions.remove(&partition);
         self.dirty.remove(&partition);
+        self.holds.remove(&partition);
         self.revoked.insert(partition);
     }
 
@@ -133,6 +158,31 @@ mod tests {
         assert!(t.track(3, 40));
         t.finish(3, 40);
         assert_eq!(t.take_commits(), vec![(3, 41)]);
+    }
+
+    #[test]
+    fn an_open_window_holds_the_safe_point_back_and_drained_waits_for_every_offset() {
+        let mut t = OffsetTracker::default();
+        for o in 10..15 {
+            assert!(t.track(1, o));
+        }
+        assert!(t.drained(2), "a partition with nothing tracked is drained");
+        for o in 10..14 {
+            t.finish(1, o);
+        }
+        assert!(!t.drained(1), "14 is in flight");
+        assert_eq!(t.safe_point(1), Some(14));
+        t.hold(1, Some(12));
+        assert_eq!(t.safe_point(1), Some(12), "the window opened at 12 is not delivered yet");
+        t.finish(1, 14);
+        assert!(t.drained(1));
+        assert_eq!(t.safe_point(1), Some(12));
+        t.hold(1, None);
+        assert_eq!(t.safe_point(1), Some(15));
+        t.hold(1, Some(13));
+        t.revoke(1);
+        t.assign(1);
+        assert_eq!(t.safe_point(1), None, "a reassigned partition starts with no hold and no point");
     }
 
     #[test]

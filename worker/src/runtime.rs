@@ -31,7 +31,7 @@ use crate::{
     pipeline::{Output, Pipeline},
     pool::{self, Outputs, PoolConfig, Work},
     sink::Sink,
-    source::{Acker, Source, SourceError, SourceEvent},
+    source::{Acker, RevokeHook, Source, SourceError, SourceEvent},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,41 @@ pub enum RuntimeError {
 
 /// How long the pool may refuse work before `/readyz` says the worker is stalled.
 pub const STALL: Duration = Duration::from_secs(30);
+
+/// How long a revocation waits for the revoked partitions' in-flight
+/// messages before it commits what is done and lets them go. Well under
+/// Kafka's rebalance timeout, so the group never waits on this worker.
+pub const REVOKE_DRAIN: Duration = Duration::from_secs(10);
+
+/// The runtime's side of `RevokeHook`: waits until every tracked offset of
+/// `partitions` has finished (or `REVOKE_DRAIN`), then returns their safe
+/// points. It runs inside the source's synchronous callback, on a runtime
+/// thread: `block_in_place` hands that thread's other tasks (the pool, the
+/// sink stage, which are what finishes the offsets) to another thread while
+/// it waits. On a current-thread runtime nothing else could run, so it does
+/// not wait and returns what is already done.
+fn revoke_hook(tracker: Arc<Mutex<OffsetTracker>>) -> RevokeHook {
+    Arc::new(move |partitions: &[i32]| {
+        let lock = || tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let drained = || partitions.iter().all(|p| lock().drained(*p));
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let started = std::time::Instant::now();
+        if multi_thread && !drained() {
+            tokio::task::block_in_place(|| {
+                while !drained() && started.elapsed() < REVOKE_DRAIN {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            });
+        }
+        let t = lock();
+        let points: Vec<(i32, i64)> = partitions.iter().filter_map(|p| Some((*p, t.safe_point(*p)?))).collect();
+        let in_flight: usize = partitions.iter().filter(|p| !t.drained(**p)).count();
+        tracing::info!(?partitions, waited = ?started.elapsed(), ?points, partitions_in_flight = in_flight,
+            "revocation: in-flight work drained; committing what is done");
+        points
+    })
+}
 
 /// What a run did (logged at exit; tests assert on it).
 #[derive(Debug, Default, Clone)]
@@ -87,6 +122,7 @@ impl Runtime {
             self.metrics.clone(),
             self.sink_attempts,
         ));
+        source.on_revoke(revoke_hook(tracker.clone()));
         let mut consumed = 0u64;
         self.ready.store(true, Ordering::Relaxed);
         let stateful_steps = pipeline.stateful_steps();
@@ -228,7 +264,6 @@ async fn sink_stage(
     let mut results = Vec::new();
     let mut dead = Vec::new();
     let mut finished = Vec::new();
-    let mut holds: BTreeMap<i32, i64> = BTreeMap::new();
     let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
     while let Some(batch) = rx.recv().await {
         for o in batch.outputs {
@@ -258,14 +293,11 @@ async fn sink_stage(
         // Delivered (or dead-lettered): now, and only now, finished. Open
         // windows hold their offsets back until their results are delivered.
         let mut touched: Vec<i32> = batch.holds.iter().map(|(p, _)| *p).collect();
-        for (p, hold) in batch.holds {
-            match hold {
-                Some(h) => holds.insert(p, h),
-                None => holds.remove(&p),
-            };
-        }
         let commits: Vec<(i32, i64)> = {
             let mut t = tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (p, hold) in batch.holds {
+                t.hold(p, hold);
+            }
             for a in finished.drain(..) {
                 t.finish(a.partition, a.offset);
             }
@@ -275,8 +307,7 @@ async fn sink_stage(
             touched
                 .into_iter()
                 .filter_map(|p| {
-                    let point = t.commit_point(p)?;
-                    let point = holds.get(&p).map_or(point, |h| point.min(*h));
+                    let point = t.safe_point(p)?;
                     (committed.get(&p).is_none_or(|c| point > *c)).then_some((p, point))
                 })
                 .collect()

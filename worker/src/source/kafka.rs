@@ -5,7 +5,9 @@
 //! StreamConsumer (cooperative-sticky, auto-commit off)
 //!   ├─ recv() ──> Message{partition, offset, key, headers, timestamp} ──> SourceEvent::Batch
 //!   ├─ rebalance callbacks (run inside recv) ──> pending Assigned / Revoked events,
-//!   │     returned before any message of the new assignment
+//!   │     returned before any message of the new assignment; on revoke, the
+//!   │     runtime's hook drains the partitions' in-flight work (bounded) and
+//!   │     what is done is committed synchronously before they move
 //!   └─ KafkaAcker::commit(low-water marks) ──> async offset commit of the
 //!         partitions still assigned (a revoked partition's new owner commits it)
 //! ```
@@ -34,7 +36,7 @@ use rdkafka::{
 };
 use sluice_crds::{KafkaAuth, KafkaSource as KafkaSourceSpec, SaslMechanism, StartFrom};
 
-use super::{Acker, Source, SourceError, SourceEvent};
+use super::{Acker, RevokeHook, Source, SourceError, SourceEvent};
 use crate::{
     message::{Message, Payload, now_ms},
     sink::kafka::Transaction,
@@ -101,6 +103,10 @@ pub struct GroupContext {
     assigned: Mutex<BTreeSet<i32>>,
     /// False after a consumer error until the next message arrives.
     reachable: AtomicBool,
+    /// The runtime's drain-and-report callback, called on revocation.
+    on_revoke: Mutex<Option<RevokeHook>>,
+    /// Exactly-once: offsets go into transactions, never committed directly.
+    transactional: AtomicBool,
 }
 
 impl GroupContext {
@@ -121,6 +127,24 @@ impl GroupContext {
     }
 }
 
+impl GroupContext {
+    /// A synchronous commit from inside the revoke callback (librdkafka
+    /// allows it there; the group waits for the callback to return).
+    fn commit_now(&self, consumer: &BaseConsumer<Self>, points: &[(i32, i64)]) {
+        let mut tpl = TopicPartitionList::with_capacity(points.len());
+        for &(p, o) in points {
+            if let Err(e) = tpl.add_partition_offset(&self.topic, p, Offset::Offset(o)) {
+                tracing::warn!(topic = %self.topic, partition = p, offset = o, error = %e, "cannot commit on revocation");
+            }
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => tracing::info!(topic = %self.topic, ?points, "committed on revocation"),
+            Err(e) => tracing::warn!(topic = %self.topic, error = %e, ?points,
+                "commit on revocation failed; the next owner redoes from the last commit"),
+        }
+    }
+}
+
 impl ClientContext for GroupContext {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(topic = %self.topic, %error, reason, "Kafka consumer client error; librdkafka keeps reconnecting");
@@ -128,9 +152,20 @@ impl ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let partitions = self.partitions(tpl);
+            // Drain and commit what is done while the partitions are still
+            // ours, so their next owner starts where we stopped.
+            let hook = self.on_revoke.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            if let Some(hook) = hook
+                && !partitions.is_empty()
+            {
+                let points = hook(&partitions);
+                if !points.is_empty() && !self.transactional.load(Ordering::Relaxed) {
+                    self.commit_now(consumer, &points);
+                }
+            }
             {
                 let mut a = self.assigned.lock().unwrap_or_else(PoisonError::into_inner);
                 for p in &partitions {
@@ -211,6 +246,8 @@ impl KafkaSource {
             pending: Mutex::default(),
             assigned: Mutex::default(),
             reachable: AtomicBool::new(true),
+            on_revoke: Mutex::default(),
+            transactional: AtomicBool::new(false),
         };
         let consumer: GroupConsumer = config.create_with_context(context).map_err(|e| SourceError::Config {
             field: "spec.source.kafka",
@@ -227,6 +264,7 @@ impl KafkaSource {
     /// Exactly-once: the acker commits offsets with `send_offsets_to_transaction`
     /// in `txn` (shared with the Kafka sink) instead of committing them itself.
     pub fn set_transaction(&mut self, txn: Arc<Transaction>) {
+        self.consumer.context().transactional.store(true, Ordering::Relaxed);
         self.txn = Some(txn);
     }
 
@@ -337,6 +375,10 @@ impl Source for KafkaSource {
 
     fn kind(&self) -> &'static str {
         "kafka"
+    }
+
+    fn on_revoke(&mut self, hook: RevokeHook) {
+        *self.consumer.context().on_revoke.lock().unwrap_or_else(PoisonError::into_inner) = Some(hook);
     }
 }
 

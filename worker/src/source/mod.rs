@@ -50,11 +50,23 @@ pub trait Acker: Send + Sync {
     fn commit<'a>(&'a self, positions: &'a [(i32, i64)]) -> BoxFuture<'a, Result<(), SourceError>>;
 }
 
+/// Called by a source, synchronously, when partitions are about to be taken
+/// away (inside Kafka's revoke callback, before the group moves them): the
+/// runtime lets their in-flight messages finish, for a bounded time, and
+/// returns the positions that are safe to commit for them, so their next
+/// owner starts where this worker stopped instead of redoing its work.
+pub type RevokeHook = Arc<dyn Fn(&[i32]) -> Vec<(i32, i64)> + Send + Sync>;
+
 pub trait Source: Send {
     /// The next event; a batch holds at most `max` messages.
     fn next(&mut self, max: usize) -> BoxFuture<'_, Result<SourceEvent, SourceError>>;
     fn acker(&self) -> Arc<dyn Acker>;
     fn kind(&self) -> &'static str;
+    /// Sources whose partitions can be revoked call `hook` before they let
+    /// them go; others ignore it.
+    fn on_revoke(&mut self, hook: RevokeHook) {
+        let _ = hook;
+    }
 }
 
 /// Local inputs have nowhere to commit to; this records the last positions
