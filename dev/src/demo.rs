@@ -637,19 +637,30 @@ async fn last_scaling(events: &Api<Event>) -> String {
 }
 
 /// Processes whose command line names `needle` (a state or data folder).
+/// This process and its ancestors (whose command lines may name the state
+/// folder too: `make demo DEMO_ARGS=--state-dir ...`) do not count.
 fn processes_naming(needle: &str) -> Vec<String> {
-    let me = std::process::id();
+    let mut ours = vec![std::process::id()];
+    while let Some(parent) = parent_of(ours[ours.len() - 1]).filter(|p| *p > 1 && !ours.contains(p)) {
+        ours.push(parent);
+    }
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me)
+        .filter(|pid| !ours.contains(pid))
         .filter_map(|pid| {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             cmd.contains(needle).then(|| format!("{pid}: {}", cmd.trim()))
         })
         .collect()
+}
+
+/// The parent pid from /proc/<pid>/stat ("pid (comm) state ppid ..."; comm may hold spaces).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Runs the demo until `shutdown` resolves or `opts.duration` has passed,
@@ -965,6 +976,18 @@ mod tests {
         assert!(s.line(6).contains("[##++++]"), "{}", s.line(6));
         let empty = Sample::from_status(0.0, &serde_json::Value::Null, 0, String::new());
         assert_eq!((empty.ready.as_str(), empty.desired), ("-", 0));
+    }
+
+    #[test]
+    fn the_leftover_check_finds_a_child_and_walks_up_to_the_parent() {
+        let parent = parent_of(std::process::id()).expect("a parent");
+        assert_eq!(parent, std::os::unix::process::parent_id());
+        let needle = format!("sluice-demo-leftover-{}", std::process::id());
+        let mut child = std::process::Command::new("sh").arg("-c").arg(format!("sleep 30 # {needle}")).spawn().unwrap();
+        let found = processes_naming(&needle);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
     }
 
     #[test]
