@@ -1,5 +1,7 @@
 //! One HTTP port: `/metrics` (Prometheus text), `/healthz` (the process is
-//! alive), `/readyz` (consuming: not during startup or shutdown).
+//! alive), `/readyz` (consuming: not during startup or shutdown, and the
+//! source's broker answers; a sink outage turns it false through the retry
+//! layer).
 //!
 //! Three fixed GET routes need no framework: a minimal HTTP/1.1 responder
 //! that reads the request line, answers, and closes.
@@ -24,6 +26,8 @@ use crate::metrics::Metrics;
 pub struct Health {
     pub metrics: Metrics,
     pub ready: Arc<AtomicBool>,
+    /// False while the source's broker does not answer.
+    pub source_up: Arc<AtomicBool>,
 }
 
 /// Bind first (so a taken port is reported at startup), then serve until cancelled.
@@ -68,6 +72,9 @@ fn respond(path: &str, h: &Health) -> (&'static str, &'static str, String) {
     match path {
         "/metrics" => ("200 OK", "text/plain; version=0.0.4", h.metrics.render()),
         "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
+        "/readyz" if !h.source_up.load(Ordering::Relaxed) => {
+            ("503 Service Unavailable", "text/plain", "source unreachable\n".into())
+        }
         "/readyz" if h.ready.load(Ordering::Relaxed) => ("200 OK", "text/plain", "ready\n".into()),
         "/readyz" => ("503 Service Unavailable", "text/plain", "not consuming\n".into()),
         _ => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".into()),
@@ -93,7 +100,11 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, Health { metrics, ready: ready.clone() }, stop.clone()));
+        let server = tokio::spawn(serve(
+            listener,
+            Health { metrics, ready: ready.clone(), source_up: Arc::new(AtomicBool::new(true)) },
+            stop.clone(),
+        ));
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
         ready.store(true, Ordering::Relaxed);

@@ -176,6 +176,7 @@ async fn run(
         _ => None,
     };
     let source = source(spec, &cfg.processor, input, txn.clone()).await?;
+    let source_up = source.reachability().unwrap_or_else(|| Arc::new(AtomicBool::new(true)));
     let env = |v: &str| std::env::var(v).ok();
     let source_brokers = spec.source.kafka.as_ref().map(|k| k.brokers.as_slice());
     let format = spec.sink.stdout.as_ref().map_or(StdoutFormat::Json, |s| s.format);
@@ -263,7 +264,7 @@ async fn run(
             tracing::info!(addr = %cfg.http_addr, "serving /metrics, /healthz, /readyz");
             tokio::spawn(http::serve(
                 listener,
-                http::Health { metrics: metrics.clone(), ready: ready.clone() },
+                http::Health { metrics: metrics.clone(), ready: ready.clone(), source_up: source_up.clone() },
                 http_stop.clone(),
             ));
         }

@@ -427,3 +427,39 @@ fn sink_outage_retries_behind_the_breaker_and_readiness_follows() {
     assert_eq!(wait_until_acked(&source, "outage"), 0);
     eprintln!("sink outage: not ready while down, ready after; {} out, {duplicates} duplicates", entries.len());
 }
+
+#[test]
+fn source_outage_turns_readiness_false_until_the_server_answers_again() {
+    let mut source = Redis::start_with(RedisConfig {
+        directives: [("appendonly", "yes"), ("appendfsync", "always"), ("protected-mode", "no"), ("daemonize", "no")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    })
+    .expect("source redis");
+    let sink = Redis::start();
+    const N: u64 = 20_000;
+    produce(&source, 0..N / 2);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(&source, "source-outage", None);
+    s["sink"]["redis"]["url"] = json!(sink.url());
+    s["deadLetter"] = json!({"redis": {"url": sink.url(), "stream": "dlq"}});
+    let spec = write_spec(dir.path(), &s);
+    let http = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").to_string()
+    };
+    let mut worker = Worker::start_on(&spec, dir.path().join("worker.log"), "pod-a", &http);
+    wait_for_ids(&sink, "out", (N / 2) as usize, &mut worker);
+    wait_for_readyz(&http, 200, &mut worker);
+    source.stop();
+    wait_for_readyz(&http, 503, &mut worker);
+    source.restart().expect("source redis restart");
+    wait_for_readyz(&http, 200, &mut worker);
+    produce(&source, N / 2..N);
+    let entries = wait_for_ids(&sink, "out", N as usize, &mut worker);
+    let duplicates = check_output_unordered(&entries, N);
+    assert_eq!(wait_until_acked(&source, "source-outage"), 0);
+    eprintln!("source outage: not ready while down, ready after; {} out, {duplicates} duplicates", entries.len());
+}

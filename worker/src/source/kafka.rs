@@ -46,6 +46,9 @@ use crate::{
 /// rebalance events again.
 const IDLE_TICK: Duration = Duration::from_millis(250);
 
+/// How often an idle, unreachable consumer asks the brokers whether they answer.
+const RECHECK: Duration = Duration::from_secs(2);
+
 /// Builds a librdkafka client configuration for `brokers` with the auth the
 /// spec names. `place` is the secret place (`SOURCE`, `SINK`, `DEADLETTER`):
 /// the values are read from `SLUICE_SECRET_<place>_SASL_USERNAME` and
@@ -101,8 +104,9 @@ pub struct GroupContext {
     topic: String,
     pending: Mutex<VecDeque<SourceEvent>>,
     assigned: Mutex<BTreeSet<i32>>,
-    /// False after a consumer error until the next message arrives.
-    reachable: AtomicBool,
+    /// False after a consumer or client error until a message arrives or a
+    /// metadata request succeeds; `/readyz` reads it.
+    reachable: Arc<AtomicBool>,
     /// The runtime's drain-and-report callback, called on revocation.
     on_revoke: Mutex<Option<RevokeHook>>,
     /// Exactly-once: offsets go into transactions, never committed directly.
@@ -147,6 +151,7 @@ impl GroupContext {
 
 impl ClientContext for GroupContext {
     fn error(&self, error: KafkaError, reason: &str) {
+        self.reachable.store(false, Ordering::Relaxed);
         tracing::warn!(topic = %self.topic, %error, reason, "Kafka consumer client error; librdkafka keeps reconnecting");
     }
 }
@@ -214,6 +219,8 @@ pub struct KafkaSource {
     stash: Option<Message>,
     /// Exactly-once: offsets are committed inside the sink's transactions.
     txn: Option<Arc<Transaction>>,
+    /// When `check_reachable` last asked the brokers.
+    last_check: Option<std::time::Instant>,
 }
 
 impl KafkaSource {
@@ -245,7 +252,7 @@ impl KafkaSource {
             topic: spec.topic.clone(),
             pending: Mutex::default(),
             assigned: Mutex::default(),
-            reachable: AtomicBool::new(true),
+            reachable: Arc::new(AtomicBool::new(true)),
             on_revoke: Mutex::default(),
             transactional: AtomicBool::new(false),
         };
@@ -258,7 +265,7 @@ impl KafkaSource {
             detail: format!("subscribe to topic {}: {e}", spec.topic),
         })?;
         tracing::info!(topic = %spec.topic, group, brokers = %spec.brokers.join(","), "Kafka consumer subscribed");
-        Ok(Self { consumer: Arc::new(consumer), topic: spec.topic.clone(), stash: None, txn: None })
+        Ok(Self { consumer: Arc::new(consumer), topic: spec.topic.clone(), stash: None, txn: None, last_check: None })
     }
 
     /// Exactly-once: the acker commits offsets with `send_offsets_to_transaction`
@@ -309,6 +316,26 @@ impl KafkaSource {
         }
     }
 
+    /// Idle and marked unreachable: ask the brokers for the topic's metadata
+    /// (at most every `RECHECK`), so an idle topic's worker becomes ready
+    /// again once the brokers answer, without waiting for a message.
+    async fn check_reachable(&mut self) {
+        if self.reachable() || self.last_check.is_some_and(|t| t.elapsed() < RECHECK) {
+            return;
+        }
+        self.last_check = Some(std::time::Instant::now());
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        let answered = tokio::task::spawn_blocking(move || {
+            consumer.fetch_metadata(Some(&topic), Duration::from_secs(2)).is_ok_and(|m| !m.brokers().is_empty())
+        })
+        .await
+        .unwrap_or(false);
+        if answered {
+            tracing::info!(topic = %self.topic, "Kafka brokers answer again");
+            self.consumer.context().reachable.store(true, Ordering::Relaxed);
+        }
+    }
+
     async fn next_batch(&mut self, max: usize) -> Result<SourceEvent, SourceError> {
         let mut batch: Vec<Message> = Vec::with_capacity(max.min(4096));
         loop {
@@ -327,7 +354,10 @@ impl KafkaSource {
             let received = if batch.is_empty() {
                 match tokio::time::timeout(IDLE_TICK, self.consumer.recv()).await {
                     Ok(r) => r.map(|m| convert(&m)),
-                    Err(_) => continue,
+                    Err(_) => {
+                        self.check_reachable().await;
+                        continue;
+                    }
                 }
             } else {
                 match self.consumer.recv().now_or_never() {
@@ -375,6 +405,10 @@ impl Source for KafkaSource {
 
     fn kind(&self) -> &'static str {
         "kafka"
+    }
+
+    fn reachability(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.consumer.context().reachable.clone())
     }
 
     fn on_revoke(&mut self, hook: RevokeHook) {

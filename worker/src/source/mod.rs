@@ -16,7 +16,7 @@ pub mod kafka;
 pub mod nats;
 pub mod redis;
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::AtomicBool};
 
 use futures::future::BoxFuture;
 
@@ -62,6 +62,11 @@ pub trait Source: Send {
     fn next(&mut self, max: usize) -> BoxFuture<'_, Result<SourceEvent, SourceError>>;
     fn acker(&self) -> Arc<dyn Acker>;
     fn kind(&self) -> &'static str;
+    /// Whether the broker answers, for `/readyz` (None: a local input that
+    /// is always reachable). The source keeps the flag current as it reads.
+    fn reachability(&self) -> Option<Arc<AtomicBool>> {
+        None
+    }
     /// Sources whose partitions can be revoked call `hook` before they let
     /// them go; others ignore it.
     fn on_revoke(&mut self, hook: RevokeHook) {

@@ -16,7 +16,10 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -111,6 +114,8 @@ pub struct NatsSource {
     inflight: InFlight,
     acker: Arc<NatsAcker>,
     backoff: Backoff,
+    /// For `/readyz`: false while the server does not answer.
+    up: Arc<AtomicBool>,
 }
 
 impl NatsSource {
@@ -154,6 +159,7 @@ impl NatsSource {
             inflight,
             acker,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            up: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -198,6 +204,7 @@ impl NatsSource {
             let first = match self.messages(max).await {
                 Ok(stream) => tokio::time::timeout(IDLE_TICK, stream.next()).await,
                 Err(e) => {
+                    self.up.store(false, Ordering::Relaxed);
                     let delay = self.backoff.next_delay();
                     tracing::warn!(stream = %self.stream_name, error = %e, ?delay, "NATS consumer unavailable; retrying");
                     self.consumer = None;
@@ -207,17 +214,24 @@ impl NatsSource {
                 }
             };
             let first = match first {
-                Err(_) => continue,
+                Err(_) => {
+                    // Idle: the connection's own state says whether the server answers.
+                    let connected = self.js.client().connection_state() == async_nats::connection::State::Connected;
+                    self.up.store(connected, Ordering::Relaxed);
+                    continue;
+                }
                 Ok(None) => {
                     self.messages = None;
                     continue;
                 }
                 Ok(Some(Err(e))) => {
+                    self.up.store(false, Ordering::Relaxed);
                     tracing::warn!(stream = %self.stream_name, error = %e, "NATS pull error; the stream retries");
                     continue;
                 }
                 Ok(Some(Ok(m))) => m,
             };
+            self.up.store(true, Ordering::Relaxed);
             self.backoff.reset();
             let mut batch = Vec::with_capacity(max.min(4096));
             batch.push(self.hand_out(first));
@@ -244,6 +258,10 @@ impl Source for NatsSource {
 
     fn kind(&self) -> &'static str {
         "nats"
+    }
+
+    fn reachability(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.up.clone())
     }
 }
 

@@ -19,7 +19,10 @@
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -168,6 +171,8 @@ pub struct RedisSource {
     inflight: InFlight,
     acker: Arc<RedisAcker>,
     backoff: Backoff,
+    /// For `/readyz`: false after a failed read until one succeeds.
+    up: Arc<AtomicBool>,
 }
 
 impl RedisSource {
@@ -205,6 +210,7 @@ impl RedisSource {
             inflight,
             acker,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            up: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -323,11 +329,17 @@ impl RedisSource {
         loop {
             match self.read(max).await {
                 Ok(Some(event)) => {
+                    self.up.store(true, Ordering::Relaxed);
                     self.backoff.reset();
                     return Ok(event);
                 }
-                Ok(None) => self.backoff.reset(),
+                Ok(None) => {
+                    // XREADGROUP's block ended with nothing: the server answered.
+                    self.up.store(true, Ordering::Relaxed);
+                    self.backoff.reset();
+                }
                 Err(e) => {
+                    self.up.store(false, Ordering::Relaxed);
                     if e.code() == Some("NOGROUP") {
                         // The stream or group went away (a restart without
                         // persistence, a deleted stream): create it again.
@@ -357,6 +369,10 @@ impl Source for RedisSource {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn reachability(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.up.clone())
     }
 }
 
