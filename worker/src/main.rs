@@ -280,6 +280,24 @@ async fn run(
         signals.cancel();
     });
 
+    // Singleton tasks, while this worker holds the processor's Lease (not
+    // for a local run whose outputs go to files).
+    let leader_stop = CancellationToken::new();
+    let leader = (output.is_none() && dead_letter.is_none()).then(|| {
+        tokio::spawn(sluice_worker::leader::run(
+            sluice_worker::leader::LeaseConfig::from_env(),
+            Arc::new(spec.clone()),
+            metrics.clone(),
+            leader_stop.clone(),
+        ))
+    });
+    let stop_leading = shutdown.clone();
+    let leader_stop_on_signal = leader_stop.clone();
+    tokio::spawn(async move {
+        stop_leading.cancelled().await;
+        leader_stop_on_signal.cancel();
+    });
+
     let runtime = Runtime {
         pool: PoolConfig { workers: cfg.workers, queue_batches: 4, tick: Duration::from_millis(100), snapshots },
         batch_size: cfg.batch_size,
@@ -300,6 +318,14 @@ async fn run(
         }
     };
     http_stop.cancel();
+    // Stop the singleton tasks and release the Lease (bounded: it must not
+    // hold up the exit).
+    leader_stop.cancel();
+    if let Some(leader) = leader
+        && tokio::time::timeout(Duration::from_secs(6), leader).await.is_err()
+    {
+        tracing::warn!("the singleton tasks did not stop in time");
+    }
     let summary = result?;
     tracing::info!(consumed = summary.consumed, delivered = summary.delivered, dead_lettered = summary.dead_lettered,
         committed = ?summary.committed, "worker stopped cleanly");

@@ -18,6 +18,7 @@ pub const STATE_KEYS: &str = "sluice_state_keys";
 pub const POOL_QUEUE_DEPTH: &str = "sluice_pool_queue_depth";
 pub const DELIVERED: &str = "sluice_records_delivered_total";
 pub const COMMITS: &str = "sluice_offset_commits_total";
+pub const LEADER: &str = "sluice_worker_leader";
 
 /// Outcomes of `PROCESSED`.
 pub const OUTCOMES: [&str; 5] = ["delivered", "filtered", "duplicate", "windowed", "dead_lettered"];
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub delivered: IntCounter,
     pub commits: IntCounter,
+    /// 1 while this worker holds the Lease and runs the singleton tasks.
+    pub leader: IntGauge,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,7 @@ impl Metrics {
             queue_depth: IntGauge::new(POOL_QUEUE_DEPTH, "Batches waiting in the processor pool's queues")?,
             delivered: IntCounter::new(DELIVERED, "Records the sink confirmed")?,
             commits: IntCounter::new(COMMITS, "Source position commits")?,
+            leader: IntGauge::new(LEADER, "1 while this worker holds the leader Lease and runs the singleton tasks")?,
             registry,
         };
         m.registry.register(Box::new(m.consumed.clone()))?;
@@ -77,6 +81,7 @@ impl Metrics {
         m.registry.register(Box::new(m.queue_depth.clone()))?;
         m.registry.register(Box::new(m.delivered.clone()))?;
         m.registry.register(Box::new(m.commits.clone()))?;
+        m.registry.register(Box::new(m.leader.clone()))?;
         // Make every bounded label visible at 0 from the start.
         for o in OUTCOMES {
             m.processed.with_label_values(&[o]);

@@ -44,6 +44,8 @@ pub fn deployment(sp: &StreamProcessor, settings: &Settings, replicas: i32) -> D
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         value_env("SLUICE_HTTP_ADDR", format!("0.0.0.0:{HTTP_PORT}")),
+        // The Lease the workers take turns holding for singleton tasks.
+        value_env("SLUICE_LEASE_NAME", super::lease_name(sp)),
         value_env("SHUTDOWN_GRACE_PERIOD", format!("{}s", (settings.termination_grace_seconds - 5).max(1))),
     ];
     env.extend(secret_envs(&sp.spec).into_iter().map(|s| EnvVar {
