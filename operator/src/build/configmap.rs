@@ -15,12 +15,17 @@ pub const CONFIG_FILE: &str = "processor.json";
 
 /// The document the worker reads: the StreamProcessor without status and
 /// without server-managed metadata, so that only spec changes change it.
+/// Without spec.replicas too: the workers do not need it, and an HPA or KEDA
+/// writing it through the scale subresource must scale the workers, not
+/// roll every one of them (and rebalance the consumer group) on each step.
 fn document(sp: &StreamProcessor) -> String {
+    let mut spec = sp.spec.clone();
+    spec.replicas = None;
     let doc = serde_json::json!({
         "apiVersion": "sluice.io/v1alpha1",
         "kind": "StreamProcessor",
         "metadata": {"name": sp.name_any(), "namespace": sp.namespace().unwrap_or_default()},
-        "spec": sp.spec,
+        "spec": spec,
     });
     serde_json::to_string_pretty(&doc).expect("a spec always serializes")
 }
@@ -51,7 +56,9 @@ mod tests {
         let cm = configmap(&sp);
         let text = &cm.data.as_ref().unwrap()[CONFIG_FILE];
         let again = sluice_crds::validate::parse_manifest(text).expect("worker accepts the mounted document");
-        assert_eq!(again.spec, sp.spec);
+        let mut expected = sp.spec.clone();
+        expected.replicas = None;
+        assert_eq!(again.spec, expected);
         assert_eq!(again.metadata.namespace.as_deref(), Some("shop"));
         assert_eq!(cm.metadata.owner_references.unwrap()[0].kind, "StreamProcessor");
     }
@@ -67,5 +74,15 @@ mod tests {
         changed.spec.pipeline[0].filter = Some("msg.amount > 1".into());
         assert_ne!(config_hash(&sp), config_hash(&changed));
         assert_eq!(config_hash(&sp).len(), 16);
+    }
+
+    #[test]
+    fn scaling_through_spec_replicas_rolls_no_worker() {
+        let mut sp = example("kafka-orders-by-country.yaml");
+        sp.spec.replicas = Some(1);
+        let mut scaled = sp.clone();
+        scaled.spec.replicas = Some(12);
+        assert_eq!(config_hash(&sp), config_hash(&scaled));
+        assert_eq!(configmap(&sp).data, configmap(&scaled).data);
     }
 }
