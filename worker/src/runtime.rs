@@ -265,7 +265,15 @@ async fn sink_stage(
     let mut dead = Vec::new();
     let mut finished = Vec::new();
     let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
-    while let Some(batch) = rx.recv().await {
+    while let Some(mut batch) = rx.recv().await {
+        // What else the pool queued while the last write or commit was in
+        // flight (at most the channel's capacity) shares this write and this
+        // commit: under exactly-once, one transaction instead of one per pool batch.
+        for _ in 0..rx.max_capacity() {
+            let Ok(more) = rx.try_recv() else { break };
+            batch.outputs.extend(more.outputs);
+            batch.holds.extend(more.holds);
+        }
         for o in batch.outputs {
             match o {
                 Output::Deliver(m, ack) => {
