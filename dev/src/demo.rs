@@ -694,6 +694,11 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()> + Send + 
         })
         .await?
     };
+    // Every run starts from an empty cluster: a previous run's etcd on the
+    // same state folder would bring back its helm release, workers and Events.
+    if let Some(data) = opts.state_dir.as_ref().map(|d| d.join("etcd/data")).filter(|d| d.exists()) {
+        std::fs::remove_dir_all(&data).map_err(io(format!("removing the previous run's {}", data.display())))?;
+    }
     let cluster_opts = ClusterOptions {
         state_dir: opts.state_dir.clone(),
         bin_dir: opts.bin_dir.clone(),
