@@ -173,6 +173,9 @@ async fn keda_and_hpas_scale_stream_processors_through_the_scale_subresource() {
     .await;
     eprintln!("(a) ScaledObject Ready and one worker after {:?}", t0.elapsed());
 
+    let config_hash =
+        |d: &Deployment| d.spec.template.metadata.as_ref()?.annotations.as_ref()?.get("sluice.io/config-hash").cloned();
+    let hash_before = config_hash(&deployments.get("keda").await.expect("deployment"));
     let records: Vec<(Option<String>, String)> =
         (0..BACKLOG).map(|i| (Some(format!("k{}", i % 97)), json!({"id": i}).to_string())).collect();
     kafka.produce("orders", records).expect("produce the backlog");
@@ -198,6 +201,9 @@ async fn keda_and_hpas_scale_stream_processors_through_the_scale_subresource() {
     eprintln!("(a) 4 workers Ready {:?} after the backlog was produced", produced.elapsed());
     assert_only_autoscalers_write_replicas(&sp);
     assert_eq!(condition(&sp, "Degraded").map(|c| c.1), Some("AsExpected".into()));
+    // Scaling through spec.replicas adds workers; it rolls none.
+    let hash_after = config_hash(&deployments.get("keda").await.expect("deployment"));
+    assert!(hash_before.is_some() && hash_before == hash_after, "{hash_before:?} -> {hash_after:?}");
 
     // No second writer: the replicas hold still while the lag does.
     let mut seen = Vec::new();
