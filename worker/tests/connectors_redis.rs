@@ -2,7 +2,8 @@
 //! through the real `sluice-worker` binary: end to end with per-key order,
 //! kill -9 with the dead consumer's entries claimed by another pod
 //! (XAUTOCLAIM), poison messages in a dead-letter stream, and a server
-//! restart mid-stream.
+//! restart mid-stream; and, in process, the source's replay of a read whose
+//! reply was lost.
 //!
 //! Every wait polls the output stream with a deadline; assertions are about
 //! which messages arrived (by id), never about how long it took.
@@ -462,4 +463,64 @@ fn source_outage_turns_readiness_false_until_the_server_answers_again() {
     let duplicates = check_output_unordered(&entries, N);
     assert_eq!(wait_until_acked(&source, "source-outage"), 0);
     eprintln!("source outage: not ready while down, ready after; {} out, {duplicates} duplicates", entries.len());
+}
+
+/// A read the server ran but whose reply the source never got (the
+/// connection dropped in between, as in a server restart) leaves its entries
+/// in this consumer's pending list, where `XREADGROUP >` never returns them:
+/// after a failed read the source replays that list, minus what it has in flight.
+#[test]
+fn entries_of_a_read_whose_reply_was_lost_are_replayed_after_the_reconnect() {
+    use sluice_worker::source::{Source, SourceEvent, redis::RedisSource};
+    let redis = Redis::start();
+    produce(&redis, 0..10);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let spec: sluice_crds::RedisSource =
+            serde_json::from_value(json!({"url": redis.url(), "stream": "in", "startFrom": "earliest"})).expect("spec");
+        let mut source = RedisSource::new(&spec, "lost", "pod-a", &|_| None).expect("source");
+        let ids_of = |e: SourceEvent| match e {
+            SourceEvent::Batch(b) => {
+                b.iter().filter_map(|m| m.payload.json().ok().and_then(|v| v["id"].as_u64())).collect::<Vec<_>>()
+            }
+            _ => Vec::new(),
+        };
+        let mut got = ids_of(source.next(3).await.expect("first read"));
+        assert_eq!(got, vec![0, 1, 2]);
+        // The read whose reply is lost: the server hands ids 3..6 to pod-a...
+        let mut c = conn(&redis);
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("lost")
+            .arg("pod-a")
+            .arg("COUNT")
+            .arg(3)
+            .arg("STREAMS")
+            .arg("in")
+            .arg(">")
+            .query(&mut c)
+            .expect("XREADGROUP as pod-a");
+        // ...and the source's connection drops before it sees them.
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query(&mut c)
+            .expect("CLIENT KILL");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.len() < 10 && Instant::now() < deadline {
+            let next = tokio::time::timeout(Duration::from_secs(5), source.next(100)).await;
+            if let Ok(event) = next {
+                got.extend(ids_of(event.expect("the source retries by itself")));
+            }
+        }
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            (0..10).collect::<Vec<_>>(),
+            "ids 3..6 replayed from pod-a's pending list, 0..3 (in flight) not again"
+        );
+    });
 }

@@ -269,8 +269,16 @@ impl RedisSource {
             match entries.last() {
                 None => self.own_pending = None,
                 Some((last, _)) => {
-                    tracing::info!(stream = %self.stream, count = entries.len(), "replaying our own pending entries");
                     self.own_pending = Some(last.clone());
+                    // Entries still in flight here are being processed: not ours to redo.
+                    let entries: Vec<Entry> = {
+                        let inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+                        entries.into_iter().filter(|(id, _)| !inflight.iter().any(|(_, i)| i == id)).collect()
+                    };
+                    if entries.is_empty() {
+                        return Ok(None);
+                    }
+                    tracing::info!(stream = %self.stream, count = entries.len(), "replaying our own pending entries");
                     return Ok(Some(self.batch(entries)));
                 }
             }
@@ -340,6 +348,11 @@ impl RedisSource {
                 }
                 Err(e) => {
                     self.up.store(false, Ordering::Relaxed);
+                    // The server may have run a read whose reply we never got
+                    // (a restart, a dropped connection): its entries sit in our
+                    // pending list and `>` never returns them. Replay that list
+                    // (minus what is in flight) before reading new entries.
+                    self.own_pending = Some("0-0".into());
                     if e.code() == Some("NOGROUP") {
                         // The stream or group went away (a restart without
                         // persistence, a deleted stream): create it again.
