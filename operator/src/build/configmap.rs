@@ -18,9 +18,12 @@ pub const CONFIG_FILE: &str = "processor.json";
 /// Without spec.replicas too: the workers do not need it, and an HPA or KEDA
 /// writing it through the scale subresource must scale the workers, not
 /// roll every one of them (and rebalance the consumer group) on each step.
+/// Likewise spec.scaling: only the operator reads it, so tuning the
+/// autoscaler must not restart the workers.
 fn document(sp: &StreamProcessor) -> String {
     let mut spec = sp.spec.clone();
     spec.replicas = None;
+    spec.scaling = None;
     let doc = serde_json::json!({
         "apiVersion": "sluice.io/v1alpha1",
         "kind": "StreamProcessor",
@@ -58,6 +61,7 @@ mod tests {
         let again = sluice_crds::validate::parse_manifest(text).expect("worker accepts the mounted document");
         let mut expected = sp.spec.clone();
         expected.replicas = None;
+        expected.scaling = None;
         assert_eq!(again.spec, expected);
         assert_eq!(again.metadata.namespace.as_deref(), Some("shop"));
         assert_eq!(cm.metadata.owner_references.unwrap()[0].kind, "StreamProcessor");
@@ -84,5 +88,16 @@ mod tests {
         scaled.spec.replicas = Some(12);
         assert_eq!(config_hash(&sp), config_hash(&scaled));
         assert_eq!(configmap(&sp).data, configmap(&scaled).data);
+    }
+
+    #[test]
+    fn tuning_the_autoscaler_rolls_no_worker() {
+        let sp = example("kafka-orders-by-country.yaml");
+        assert!(sp.spec.scaling.is_some(), "the example scales on lag");
+        let mut tuned = sp.clone();
+        if let Some(s) = tuned.spec.scaling.as_mut() {
+            s.min_replicas += 1;
+        }
+        assert_eq!(config_hash(&sp), config_hash(&tuned));
     }
 }
