@@ -128,6 +128,11 @@ impl OffsetTracker {
         self.revoked.insert(partition);
     }
 
+    /// The partitions tracked here (assigned, not revoked).
+    pub fn partitions(&self) -> Vec<i32> {
+        self.partitions.keys().copied().collect()
+    }
+
     pub fn in_flight(&self) -> usize {
         self.partitions.values().map(PartitionTracker::in_flight).sum()
     }

@@ -47,6 +47,11 @@ pub enum RuntimeError {
 /// How long the pool may refuse work before `/readyz` says the worker is stalled.
 pub const STALL: Duration = Duration::from_secs(30);
 
+/// Idle time after which the sink stage commits its positions again, and
+/// how many times (see `sink_stage`).
+const RECOMMIT_IDLE: Duration = Duration::from_secs(5);
+const RECOMMITS: u32 = 3;
+
 /// How long a revocation waits for the revoked partitions' in-flight
 /// messages before it commits what is done and lets them go. Well under
 /// Kafka's rebalance timeout, so the group never waits on this worker.
@@ -265,7 +270,33 @@ async fn sink_stage(
     let mut dead = Vec::new();
     let mut finished = Vec::new();
     let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
-    while let Some(mut batch) = rx.recv().await {
+    let mut recommits_left = 0;
+    loop {
+        let mut batch = match tokio::time::timeout(RECOMMIT_IDLE, rx.recv()).await {
+            Ok(Some(batch)) => batch,
+            Ok(None) => break,
+            Err(_idle) => {
+                // Kafka's commits are asynchronous: one lost to a rebalance
+                // in progress is only reported to the log, and with no
+                // further input no later commit would carry its position.
+                // So after activity ends, the positions are committed again
+                // a few times (idempotent: the same offsets).
+                if recommits_left > 0 {
+                    recommits_left -= 1;
+                    let points: Vec<(i32, i64)> = {
+                        let t = tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        t.partitions().into_iter().filter_map(|p| Some((p, t.safe_point(p)?))).collect()
+                    };
+                    if !points.is_empty()
+                        && let Err(e) = acker.commit(&points).await
+                    {
+                        tracing::warn!(error = %e, "idle re-commit failed; trying again later");
+                    }
+                }
+                continue;
+            }
+        };
+        recommits_left = RECOMMITS;
         // What else the pool queued while the last write or commit was in
         // flight (at most the channel's capacity) shares this write and this
         // commit: under exactly-once, one transaction instead of one per pool batch.

@@ -345,3 +345,88 @@ async fn outputs_queued_behind_a_slow_write_share_the_next_write_and_commit() {
     );
     assert_eq!(acker.committed.lock().unwrap().get(&0), Some(&80));
 }
+
+/// Drops the first commit it is given (as a Kafka commit lost to a
+/// rebalance in progress is: reported to the log only), keeps the rest.
+#[derive(Default)]
+struct LossyAcker {
+    calls: std::sync::Mutex<usize>,
+    kept: std::sync::Mutex<std::collections::BTreeMap<i32, i64>>,
+}
+
+impl sluice_worker::source::Acker for LossyAcker {
+    fn commit<'a>(
+        &'a self,
+        positions: &'a [(i32, i64)],
+    ) -> futures::future::BoxFuture<'a, Result<(), sluice_worker::source::SourceError>> {
+        Box::pin(async move {
+            let mut calls = self.calls.lock().unwrap();
+            *calls += 1;
+            if *calls > 1 {
+                self.kept.lock().unwrap().extend(positions.iter().copied());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A live source: a script, then nothing new, for ever.
+struct IdleAfter {
+    events: std::collections::VecDeque<SourceEvent>,
+    acker: std::sync::Arc<LossyAcker>,
+}
+
+impl sluice_worker::source::Source for IdleAfter {
+    fn next(
+        &mut self,
+        _max: usize,
+    ) -> futures::future::BoxFuture<'_, Result<SourceEvent, sluice_worker::source::SourceError>> {
+        Box::pin(async move {
+            match self.events.pop_front() {
+                Some(e) => Ok(e),
+                None => futures::future::pending().await,
+            }
+        })
+    }
+    fn acker(&self) -> std::sync::Arc<dyn sluice_worker::source::Acker> {
+        self.acker.clone()
+    }
+    fn kind(&self) -> &'static str {
+        "idle-after"
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_last_commit_is_made_again_once_the_input_goes_quiet() {
+    let batch: Vec<_> = (0..10).map(|i| json_msg(0, i, json!({"n": i}))).collect();
+    let acker = std::sync::Arc::new(LossyAcker::default());
+    let source = IdleAfter {
+        events: vec![SourceEvent::Assigned(vec![0]), SourceEvent::Batch(batch)].into(),
+        acker: acker.clone(),
+    };
+    let stop = CancellationToken::new();
+    let rt = runtime(2, None);
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            rt.run(
+                Box::new(source),
+                Pipeline::compile(&filter_spec()).unwrap(),
+                Box::new(CollectSink::new()),
+                Box::new(NullSink::default()),
+                stop,
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(*acker.calls.lock().unwrap(), 1, "one commit after the batch, and it was lost");
+    assert!(acker.kept.lock().unwrap().is_empty());
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(acker.kept.lock().unwrap().get(&0), Some(&10), "committed again while idle");
+    let calls = *acker.calls.lock().unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(*acker.calls.lock().unwrap(), calls, "a quiet worker stops re-committing after a few tries");
+    stop.cancel();
+    run.await.unwrap().unwrap();
+}
