@@ -989,7 +989,14 @@ mod tests {
         assert_eq!(parent, std::os::unix::process::parent_id());
         let needle = format!("sluice-demo-leftover-{}", std::process::id());
         let mut child = std::process::Command::new("sh").arg("-c").arg(format!("sleep 30 # {needle}")).spawn().unwrap();
-        let found = processes_naming(&needle);
+        // Right after spawn the child may not have exec'd yet (its
+        // cmdline is still this test's): look until it shows, or 5 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut found = processes_naming(&needle);
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            found = processes_naming(&needle);
+        }
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(found.len(), 1, "{found:?}");
