@@ -179,6 +179,21 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Makes `state` this process's: refuses when a live `up` or `demo` already
+/// runs from it, else records this pid (so `sluice-dev down` can stop it).
+fn claim_state_dir(state: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+    if let Some(pid) = std::fs::read_to_string(up_pid_path(state))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|p| pid_alive(*p))
+    {
+        bail!("a cluster already runs from {} (pid {pid}); stop it with: sluice-dev down", state.display());
+    }
+    std::fs::write(up_pid_path(state), std::process::id().to_string())?;
+    Ok(())
+}
+
 async fn up(
     state: PathBuf,
     virtual_nodes: u32,
@@ -186,15 +201,7 @@ async fn up(
     bin_dir: Option<PathBuf>,
     keda: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
-    if let Some(pid) = std::fs::read_to_string(up_pid_path(&state))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .filter(|p| pid_alive(*p))
-    {
-        bail!("a cluster already runs from {} (pid {pid}); stop it with: sluice-dev down", state.display());
-    }
-    std::fs::write(up_pid_path(&state), std::process::id().to_string())?;
+    claim_state_dir(&state)?;
     let mut opts =
         ClusterOptions { state_dir: Some(state.clone()), virtual_nodes, images, keda, ..ClusterOptions::default() };
     if let Some(b) = bin_dir {
@@ -242,15 +249,7 @@ async fn demo(
     binaries: Option<PathBuf>,
     burst: Option<u64>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
-    if let Some(pid) = std::fs::read_to_string(up_pid_path(&state))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .filter(|p| pid_alive(*p))
-    {
-        bail!("a cluster already runs from {} (pid {pid}); stop it with: sluice-dev down", state.display());
-    }
-    std::fs::write(up_pid_path(&state), std::process::id().to_string())?;
+    claim_state_dir(&state)?;
     let exe_dir = std::env::current_exe()?.parent().map(Path::to_path_buf).unwrap_or_default();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut opts = sluice_dev::demo::DemoOptions::new(repo, binaries.unwrap_or(exe_dir));
