@@ -19,7 +19,7 @@ pub const HEADER_SOURCE: &str = "sluice-source";
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
     pub message: Message,
-    /// Bounded label: bad_payload, expression, aggregate, event_time, late.
+    /// Bounded label: bad_payload, expression, aggregate, event_time, late, sink_rejected.
     pub reason: &'static str,
     pub error: String,
     /// The step's name (`pipeline[2].window` unless named).

@@ -240,8 +240,11 @@ async fn run(
         || Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
         |d| Backoff::from_spec(&d.backoff),
     );
-    let sink: Box<dyn Sink> = Box::new(RetryingSink::new(sink, backoff.clone(), ready.clone()));
-    let dead_letters: Box<dyn Sink> = Box::new(RetryingSink::new(dead_letters, backoff, ready.clone()));
+    // Records a broker refuses (too large, invalid) are sent again at most
+    // deadLetter.maxRetries times, then dead-lettered.
+    let max_retries = spec.dead_letter.as_ref().map_or(3, |d| u32::try_from(d.max_retries).unwrap_or(0));
+    let sink: Box<dyn Sink> = Box::new(RetryingSink::new(sink, backoff.clone(), ready.clone(), max_retries));
+    let dead_letters: Box<dyn Sink> = Box::new(RetryingSink::new(dead_letters, backoff, ready.clone(), max_retries));
     let snapshots = match spec.state.as_ref() {
         Some(s) if s.backend == sluice_crds::StateBackend::Redis => {
             let url = s.redis.as_ref().map(|r| r.url.clone()).unwrap_or_default();

@@ -23,7 +23,7 @@ pub const LEADER: &str = "sluice_worker_leader";
 /// Outcomes of `PROCESSED`.
 pub const OUTCOMES: [&str; 5] = ["delivered", "filtered", "duplicate", "windowed", "dead_lettered"];
 /// Reasons of `DEAD_LETTERED`.
-pub const REASONS: [&str; 5] = ["bad_payload", "expression", "aggregate", "event_time", "late"];
+pub const REASONS: [&str; 6] = ["bad_payload", "expression", "aggregate", "event_time", "late", "sink_rejected"];
 
 #[derive(Clone)]
 pub struct Metrics {

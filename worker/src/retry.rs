@@ -282,13 +282,20 @@ mod tests {
 /// jittered backoff behind a circuit breaker, and reports the sink's health:
 /// `healthy` turns false at the first failure (so `/readyz` says not ready
 /// while the broker is unreachable) and true again after the next success.
-/// Permanent errors (configuration) return at once. While it retries, the
-/// sink stage does not take more work: backpressure up to the source.
+/// While it retries, the sink stage does not take more work: backpressure up
+/// to the source, never a message given up because a broker was down.
+///
+/// Records the broker refused for what they are (`SinkError::Rejected`: too
+/// large, invalid) are a different matter: they would stall every message
+/// behind them for ever. Those alone are sent again, at most `max_retries`
+/// times (`deadLetter.maxRetries`), then returned as `Rejected` for the
+/// runtime to dead-letter. Permanent errors (configuration) return at once.
 pub struct RetryingSink {
     inner: Box<dyn crate::sink::Sink>,
     backoff: Backoff,
     breaker: CircuitBreaker,
     healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    max_retries: u32,
 }
 
 /// Consecutive failures that open the breaker, and how long it stays open.
@@ -300,28 +307,80 @@ impl RetryingSink {
         inner: Box<dyn crate::sink::Sink>,
         backoff: Backoff,
         healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        max_retries: u32,
     ) -> Self {
-        Self { inner, backoff, breaker: CircuitBreaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN), healthy }
+        Self {
+            inner,
+            backoff,
+            breaker: CircuitBreaker::new(BREAKER_THRESHOLD, BREAKER_COOL_DOWN),
+            healthy,
+            max_retries,
+        }
     }
 
     fn transient(e: &crate::sink::SinkError) -> bool {
         matches!(e, crate::sink::SinkError::Broker { .. } | crate::sink::SinkError::Io { .. })
     }
 
-    async fn write_retrying(&mut self, batch: &[crate::message::Message]) -> Result<(), crate::sink::SinkError> {
+    fn reachable(&mut self) {
         use std::sync::atomic::Ordering;
+        self.breaker.record_success();
+        if !self.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!(sink = self.inner.kind(), "sink reachable again; ready");
+        }
+    }
+
+    async fn write_retrying(&mut self, batch: &[crate::message::Message]) -> Result<(), crate::sink::SinkError> {
+        use crate::sink::{Rejection, SinkError};
+        let Some((kind, target, mut refused)) = self.write_until_answered(batch).await? else {
+            return Ok(());
+        };
+        let mut attempts = 1;
+        while attempts <= self.max_retries && !refused.is_empty() {
+            attempts += 1;
+            let delay = self.backoff.next_delay();
+            tracing::warn!(sink = kind, records = refused.len(), attempt = attempts, error = %refused[0].error, ?delay,
+                "the sink refused records; sending those again, one by one, after a backoff");
+            tokio::time::sleep(delay).await;
+            // One by one: a record refused only for sharing a broker batch
+            // with a bad one goes through on its own.
+            let mut still = Vec::new();
+            for r in refused {
+                if let Some((_, _, again)) = self.write_until_answered(std::slice::from_ref(&batch[r.index])).await? {
+                    let error = again.into_iter().next().map_or(r.error, |a| a.error);
+                    still.push(Rejection { index: r.index, error });
+                }
+            }
+            refused = still;
+        }
+        self.backoff.reset();
+        if refused.is_empty() { Ok(()) } else { Err(SinkError::Rejected { kind, target, rejected: refused, attempts }) }
+    }
+
+    /// Writes until the sink answers: `None` when all was delivered, the
+    /// refused records otherwise. Transient errors are retried for ever;
+    /// permanent ones return.
+    async fn write_until_answered(
+        &mut self,
+        batch: &[crate::message::Message],
+    ) -> Result<Option<(&'static str, String, Vec<crate::sink::Rejection>)>, crate::sink::SinkError> {
+        use std::sync::atomic::Ordering;
+
+        use crate::sink::SinkError;
         loop {
             while !self.breaker.allow() {
                 tokio::time::sleep(self.breaker.wait_time().max(Duration::from_millis(1))).await;
             }
             match self.inner.write(batch).await {
                 Ok(()) => {
-                    self.breaker.record_success();
+                    self.reachable();
                     self.backoff.reset();
-                    if !self.healthy.swap(true, Ordering::Relaxed) {
-                        tracing::info!(sink = self.inner.kind(), "sink reachable again; ready");
-                    }
-                    return Ok(());
+                    return Ok(None);
+                }
+                // The broker answered: it is reachable.
+                Err(SinkError::Rejected { kind, target, rejected, .. }) => {
+                    self.reachable();
+                    return Ok(Some((kind, target, rejected)));
                 }
                 Err(e) if Self::transient(&e) => {
                     self.breaker.record_failure();
@@ -407,6 +466,7 @@ mod sink_tests {
             Box::new(flaky),
             Backoff::with_seed(Duration::from_millis(10), Duration::from_millis(100), 9),
             healthy.clone(),
+            3,
         );
         let start = Instant::now();
         sink.write(&[Message::new(0, 1, b"{}".to_vec())]).await.expect("delivered in the end");
@@ -433,7 +493,99 @@ mod sink_tests {
             Box::new(Broken),
             Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
             healthy,
+            3,
         );
         assert!(sink.write(&[]).await.is_err());
+    }
+
+    /// Refuses every message whose payload is longer than `limit`, and
+    /// records what it was asked to write.
+    struct PickySink {
+        limit: usize,
+        writes: Arc<std::sync::Mutex<Vec<Vec<i64>>>>,
+        /// Broker errors to give before the first answer.
+        outages: u32,
+    }
+
+    impl Sink for PickySink {
+        fn write<'a>(&'a mut self, batch: &'a [Message]) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move {
+                if self.outages > 0 {
+                    self.outages -= 1;
+                    return Err(SinkError::Broker { kind: "test", target: "t".into(), detail: "down".into() });
+                }
+                self.writes.lock().unwrap().push(batch.iter().map(|m| m.offset).collect());
+                let rejected: Vec<crate::sink::Rejection> = batch
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| m.payload.to_bytes().len() > self.limit)
+                    .map(|(index, m)| crate::sink::Rejection { index, error: format!("offset {} too large", m.offset) })
+                    .collect();
+                if rejected.is_empty() {
+                    Ok(())
+                } else {
+                    Err(SinkError::Rejected { kind: "picky", target: "t".into(), rejected, attempts: 1 })
+                }
+            })
+        }
+        fn kind(&self) -> &'static str {
+            "picky"
+        }
+    }
+
+    fn batch_with_big(offsets: &[i64], big: &[i64]) -> Vec<Message> {
+        offsets
+            .iter()
+            .map(|&o| {
+                let payload = if big.contains(&o) { vec![b'x'; 100] } else { b"{}".to_vec() };
+                Message::new(0, o, payload)
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_records_alone_are_sent_again_max_retries_times_then_returned() {
+        let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut sink = RetryingSink::new(
+            Box::new(PickySink { limit: 10, writes: writes.clone(), outages: 0 }),
+            Backoff::with_seed(Duration::from_millis(10), Duration::from_millis(100), 5),
+            healthy.clone(),
+            2,
+        );
+        let batch = batch_with_big(&[10, 11, 12, 13, 14], &[11, 14]);
+        match sink.write(&batch).await {
+            Err(SinkError::Rejected { rejected, attempts, .. }) => {
+                // Indices into the batch the runtime wrote, not into the retried subset.
+                assert_eq!(rejected.iter().map(|r| r.index).collect::<Vec<_>>(), vec![1, 4]);
+                assert_eq!(rejected[0].error, "offset 11 too large");
+                assert_eq!(attempts, 3, "the first attempt and maxRetries = 2 more");
+            }
+            other => panic!("expected the refused records back, got {other:?}"),
+        }
+        assert_eq!(*writes.lock().unwrap(), vec![vec![10, 11, 12, 13, 14], vec![11], vec![14], vec![11], vec![14]]);
+        assert!(healthy.load(Ordering::SeqCst), "a broker that answers is reachable: still ready");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_retries_returns_refusals_at_once_and_outages_still_retry_for_ever() {
+        let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let healthy = Arc::new(AtomicBool::new(true));
+        let mut sink = RetryingSink::new(
+            Box::new(PickySink { limit: 10, writes: writes.clone(), outages: 12 }),
+            Backoff::with_seed(Duration::from_millis(10), Duration::from_millis(100), 5),
+            healthy.clone(),
+            0,
+        );
+        let batch = batch_with_big(&[1, 2, 3], &[2]);
+        let err = sink.write(&batch).await.expect_err("offset 2 is refused");
+        assert!(
+            matches!(&err, SinkError::Rejected { rejected, attempts: 1, .. } if rejected.len() == 1 && rejected[0].index == 1)
+        );
+        assert!(err.to_string().contains("refused 1 record(s) after 1 attempt(s): offset 2 too large"), "{err}");
+        // Twelve outages (more than maxRetries) were waited out, not counted as refusals.
+        assert_eq!(writes.lock().unwrap().len(), 1);
+        let ok = batch_with_big(&[4, 5], &[]);
+        sink.write(&ok).await.expect("small records are delivered");
     }
 }

@@ -25,12 +25,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    deadletter::{DeadLetter, HEADER_ERROR, HEADER_STEP},
     delivery::OffsetTracker,
     message::Message,
     metrics::Metrics,
     pipeline::{Output, Pipeline},
     pool::{self, Outputs, PoolConfig, Work},
-    sink::Sink,
+    sink::{Rejection, Sink, SinkError},
     source::{Acker, RevokeHook, Source, SourceError, SourceEvent},
 };
 
@@ -239,12 +240,20 @@ fn track(tracker: &Mutex<OffsetTracker>, batch: &[Message]) {
     }
 }
 
-async fn write_with_retry(sink: &mut dyn Sink, batch: &[Message], attempts: u32) -> Result<(), RuntimeError> {
+/// Writes a batch, retrying what the sink itself did not retry. Returns
+/// the records the sink refused for what they are (`SinkError::Rejected`)
+/// and how many attempts each had: the caller dead-letters them.
+async fn write_with_retry(
+    sink: &mut dyn Sink,
+    batch: &[Message],
+    attempts: u32,
+) -> Result<Option<(Vec<Rejection>, u32)>, RuntimeError> {
     let mut backoff = Duration::from_millis(50);
     let mut attempt = 1;
     loop {
         match sink.write(batch).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(None),
+            Err(SinkError::Rejected { rejected, attempts, .. }) => return Ok(Some((rejected, attempts))),
             Err(e) if attempt < attempts => {
                 tracing::warn!(sink = sink.kind(), attempt, error = %e, ?backoff, "sink write failed; retrying");
                 tokio::time::sleep(backoff).await;
@@ -319,13 +328,47 @@ async fn sink_stage(
             }
         }
         if !results.is_empty() {
-            write_with_retry(sink.as_mut(), &results, attempts).await?;
-            summary.delivered += results.len() as u64;
-            metrics.delivered.inc_by(results.len() as u64);
+            let mut refused = 0;
+            if let Some((rejected, tries)) = write_with_retry(sink.as_mut(), &results, attempts).await? {
+                // Refused records leave through the dead-letter sink, like
+                // any message that cannot be processed: nothing behind them stalls.
+                let step = format!("spec.sink.{}", sink.kind());
+                for r in rejected {
+                    let Some(m) = results.get(r.index) else { continue };
+                    tracing::warn!(partition = m.partition, offset = m.offset, attempts = tries, error = %r.error,
+                        "the sink refused this record; dead-lettering it");
+                    refused += 1;
+                    dead.push(
+                        DeadLetter {
+                            message: m.clone(),
+                            reason: "sink_rejected",
+                            error: r.error,
+                            step: step.clone(),
+                            attempt: tries,
+                            ack: None,
+                        }
+                        .into_message(),
+                    );
+                }
+                metrics.dead_lettered.with_label_values(&["sink_rejected"]).inc_by(refused as u64);
+            }
+            let delivered = (results.len() - refused) as u64;
+            summary.delivered += delivered;
+            metrics.delivered.inc_by(delivered);
             results.clear();
         }
         if !dead.is_empty() {
-            write_with_retry(dead_letters.as_mut(), &dead, attempts).await?;
+            if let Some((rejected, _)) = write_with_retry(dead_letters.as_mut(), &dead, attempts).await? {
+                // Nowhere left to put them but the log, which keeps all of it.
+                for r in rejected {
+                    let Some(m) = dead.get(r.index) else { continue };
+                    let h = |name| m.header(name).map(String::from_utf8_lossy).unwrap_or_default();
+                    tracing::error!(partition = m.partition, offset = m.offset, error = %h(HEADER_ERROR),
+                        step = %h(HEADER_STEP), dead_letter_error = %r.error,
+                        payload = %String::from_utf8_lossy(&m.payload.to_bytes()),
+                        "the dead-letter sink refused this dead letter too; logged here and acknowledged");
+                }
+            }
             summary.dead_lettered += dead.len() as u64;
             dead.clear();
         }

@@ -355,6 +355,82 @@ fn poison_messages_go_to_the_dead_letter_topic_with_headers() {
     assert_eq!(reasons.get("bad_payload"), Some(&10), "{reasons:?}");
 }
 
+/// Hex that does not compress, `len` characters.
+fn incompressible(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from_digit((x % 16) as u32, 16).unwrap_or('0')
+        })
+        .collect()
+}
+
+#[test]
+fn records_the_broker_refuses_are_dead_lettered_and_the_rest_flows() {
+    let kafka = Kafka::start();
+    kafka.create_topic("in", 4).expect("topic");
+    // The output topic takes record batches up to 100 kB.
+    kafka.create_topic_with("out", 4, &[("max.message.bytes", "100000")]).expect("topic");
+    kafka.create_topic("dlq", 1).expect("topic");
+    const N: u64 = 20_000;
+    // Every 1000th id (from 500) is 150 kB, which the producer accepts and the
+    // broker refuses; every 1000th id (from 900) is 300 kB, over the
+    // producer's own limit (message.max.bytes below), refused before it leaves.
+    let big = |id: u64| match id % 1000 {
+        500 => Some(150_000),
+        900 => Some(300_000),
+        _ => None,
+    };
+    let records: Vec<_> = (0..N)
+        .map(|id| {
+            let key = format!("k{}", id % KEYS);
+            let mut v = json!({"id": id, "key": key, "seq": id / KEYS, "type": "order", "amount": id % 1000});
+            if let Some(len) = big(id) {
+                v["pad"] = json!(incompressible(id, len));
+            }
+            (Some(key), serde_json::to_vec(&v).expect("json"))
+        })
+        .collect();
+    kafka.produce("in", records).expect("produce");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(&kafka, "in", "out", "dlq", "refused");
+    s["sink"]["kafka"]["properties"] = json!({"message.max.bytes": "200000", "batch.size": "50000"});
+    s["deadLetter"]["maxRetries"] = json!(1);
+    let spec = write_spec(dir.path(), &s);
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"));
+    let refused: HashSet<u64> = (0..N).filter(|id| big(*id).is_some()).collect();
+    let out = wait_for_ids(&kafka, "out", (N as usize) - refused.len(), &mut worker);
+    let dead = kafka
+        .read_topic("dlq", "read_uncommitted", STREAM_DEADLINE, |r| ids(r).len() >= refused.len())
+        .expect("read dead letters");
+    worker.assert_running();
+
+    let out_ids = ids(&out);
+    assert!(out_ids.is_disjoint(&refused), "no refused record in the output");
+    let missing: Vec<u64> = (0..N).filter(|id| !refused.contains(id) && !out_ids.contains(id)).take(10).collect();
+    assert!(missing.is_empty(), "records that should have flowed are missing: {missing:?}");
+    assert_eq!(ids(&dead), refused, "exactly the refused records are in the dead-letter topic");
+    for d in &dead {
+        assert_eq!(d.header("sluice-reason"), Some("sink_rejected"), "{:?}", d.header("sluice-error"));
+        assert_eq!(d.header("sluice-step"), Some("spec.sink.kafka"));
+        assert_eq!(d.header("sluice-attempt"), Some("2"), "the first attempt and maxRetries = 1");
+        assert_eq!(d.header("sluice-source"), Some("kafka/in"));
+        let error = d.header("sluice-error").unwrap_or_default();
+        assert!(error.to_lowercase().contains("too large"), "the error says why: {error}");
+        let v: Value = serde_json::from_slice(&d.payload).expect("dead letter payload is the output record");
+        assert_eq!(v["double"].as_u64(), Some(v["amount"].as_u64().expect("amount") * 2), "as it left the pipeline");
+    }
+    let errors: BTreeMap<String, usize> = dead.iter().fold(BTreeMap::new(), |mut m, d| {
+        *m.entry(d.header("sluice-error").unwrap_or_default().to_string()).or_insert(0) += 1;
+        m
+    });
+    eprintln!("refused records dead-lettered: {errors:?}");
+}
+
 #[test]
 fn broker_restart_mid_stream_recovers_by_itself() {
     let mut kafka = Kafka::start();

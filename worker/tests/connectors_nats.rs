@@ -316,6 +316,61 @@ fn poison_messages_go_to_the_dead_letter_stream_with_headers() {
 }
 
 #[test]
+fn messages_the_stream_refuses_are_dead_lettered_and_the_rest_flows() {
+    let nats = Nats::start();
+    let rt = runtime();
+    rt.block_on(async {
+        let js = js(&nats).await;
+        // The output stream stores messages up to 100 kB.
+        for (name, subject, max_message_size) in [("IN", "in.>", -1), ("OUT", "out", 100_000), ("DLQ", "dlq", -1)] {
+            js.create_stream(stream::Config {
+                name: name.into(),
+                subjects: vec![subject.into()],
+                max_message_size,
+                ..Default::default()
+            })
+            .await
+            .expect("create stream");
+        }
+    });
+    const N: u64 = 10_000;
+    let big = |id: u64| id % 1000 == 500;
+    let records = (0..N)
+        .map(|id| {
+            let key = format!("k{}", id % KEYS);
+            let mut v = json!({"id": id, "key": key, "seq": id / KEYS, "type": "order", "amount": id % 1000});
+            if big(id) {
+                v["pad"] = json!("x".repeat(150_000));
+            }
+            (key, serde_json::to_vec(&v).expect("json"))
+        })
+        .collect();
+    rt.block_on(publish(&nats, records));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(&nats, "refused");
+    s["deadLetter"]["maxRetries"] = json!(0);
+    let spec = write_spec(dir.path(), &s);
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    let refused: HashSet<u64> = (0..N).filter(|id| big(*id)).collect();
+    rt.block_on(wait_for_len(&nats, "OUT", N - refused.len() as u64, &mut worker));
+    rt.block_on(wait_for_len(&nats, "DLQ", refused.len() as u64, &mut worker));
+    worker.assert_running();
+    let out = rt.block_on(read_stream(&nats, "OUT"));
+    let out_ids = ids(&out);
+    assert!(out_ids.is_disjoint(&refused), "no refused message in the output");
+    assert_eq!(out_ids.len() as u64, N - refused.len() as u64, "every other message flowed");
+    let dead = rt.block_on(read_stream(&nats, "DLQ"));
+    assert_eq!(ids(&dead), refused, "exactly the refused messages are in the dead-letter stream");
+    for (_, h) in &dead {
+        assert_eq!(h["sluice-reason"], "sink_rejected", "{h:?}");
+        assert_eq!(h["sluice-step"], "spec.sink.nats");
+        assert_eq!(h["sluice-attempt"], "1", "maxRetries = 0: no second attempt");
+        assert!(h["sluice-error"].contains("maximum"), "the error says why: {}", h["sluice-error"]);
+    }
+    eprintln!("refused messages dead-lettered: {} ({})", dead.len(), dead[0].1["sluice-error"]);
+}
+
+#[test]
 fn server_restart_mid_stream_recovers_by_itself() {
     let mut nats = Nats::start();
     let rt = runtime();

@@ -430,3 +430,87 @@ async fn a_lost_last_commit_is_made_again_once_the_input_goes_quiet() {
     stop.cancel();
     run.await.unwrap().unwrap();
 }
+
+/// Refuses every record whose `big` field is true, as a broker refuses a
+/// record over its size limit; keeps the rest.
+struct RefusingSink {
+    inner: CollectSink,
+}
+
+impl sluice_worker::sink::Sink for RefusingSink {
+    fn write<'a>(
+        &'a mut self,
+        batch: &'a [sluice_worker::message::Message],
+    ) -> futures::future::BoxFuture<'a, Result<(), sluice_worker::sink::SinkError>> {
+        Box::pin(async move {
+            let big = |m: &sluice_worker::message::Message| m.payload.json().is_ok_and(|v| v["big"] == json!(true));
+            let rejected: Vec<_> = batch
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| big(m))
+                .map(|(index, _)| sluice_worker::sink::Rejection {
+                    index,
+                    error: "Broker: Message size too large".into(),
+                })
+                .collect();
+            let ok: Vec<_> = batch.iter().filter(|m| !big(m)).cloned().collect();
+            self.inner.got.lock().await.extend(ok);
+            if rejected.is_empty() {
+                Ok(())
+            } else {
+                Err(sluice_worker::sink::SinkError::Rejected {
+                    kind: "kafka",
+                    target: "out".into(),
+                    rejected,
+                    attempts: 1,
+                })
+            }
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_the_sink_refuses_are_dead_lettered_after_max_retries_and_nothing_behind_them_stalls() {
+    let batch: Vec<_> = (0..200i64).map(|i| json_msg(0, i, json!({"n": i, "big": i % 50 == 7}))).collect();
+    let source = ScriptedSource::new(vec![SourceEvent::Assigned(vec![0]), SourceEvent::Batch(batch)]);
+    let acker = source.acker.clone();
+    let out = CollectSink::new();
+    let dead = CollectSink::new();
+    let rt = runtime(2, None);
+    let metrics = rt.metrics.clone();
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let backoff = sluice_worker::retry::Backoff::with_seed(Duration::from_millis(10), Duration::from_millis(100), 3);
+    let sink = sluice_worker::retry::RetryingSink::new(
+        Box::new(RefusingSink { inner: out.clone() }),
+        backoff,
+        healthy.clone(),
+        2,
+    );
+    let p = Pipeline::compile(&spec(json!({
+        "source": {"generator": {"template": {"a": "seq"}}}, "sink": {"stdout": {}}, "pipeline": []
+    })))
+    .unwrap();
+    let summary =
+        rt.run(Box::new(source), p, Box::new(sink), Box::new(dead.clone()), CancellationToken::new()).await.unwrap();
+    assert_eq!(summary.delivered, 196);
+    assert_eq!(summary.dead_lettered, 4);
+    assert_eq!(out.got.lock().await.len(), 196);
+    assert_eq!(acker.committed.lock().unwrap().get(&0), Some(&200), "the refused offsets are finished too");
+    let dead = dead.got.lock().await;
+    let offsets: Vec<i64> = dead.iter().map(|m| m.offset).collect();
+    assert_eq!(offsets, vec![7, 57, 107, 157]);
+    for m in dead.iter() {
+        assert_eq!(m.header("sluice-reason"), Some(&b"sink_rejected"[..]));
+        assert_eq!(m.header("sluice-step"), Some(&b"spec.sink.kafka"[..]));
+        assert_eq!(m.header("sluice-attempt"), Some(&b"3"[..]), "the first attempt and maxRetries = 2");
+        assert_eq!(m.header("sluice-error"), Some(&b"Broker: Message size too large"[..]));
+        assert_eq!(m.header("sluice-offset").map(|o| o.to_vec()), Some(m.offset.to_string().into_bytes()));
+    }
+    assert!(healthy.load(Ordering::SeqCst), "refusals are not an outage: ready throughout");
+    let text = metrics.render();
+    assert!(text.contains("sluice_messages_dead_lettered_total{reason=\"sink_rejected\"} 4"), "{text}");
+}

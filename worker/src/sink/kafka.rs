@@ -27,7 +27,7 @@ use rdkafka::{
 use serde_json::Value;
 use sluice_crds::{Compression, KafkaSink as KafkaSinkSpec};
 
-use super::{Sink, SinkError};
+use super::{Rejection, Sink, SinkError};
 use crate::{expr::Expression, message::Message, source::kafka::client_config};
 
 /// The librdkafka producer settings a sink always runs with (the user's
@@ -307,13 +307,20 @@ impl KafkaSink {
                 txn.produced(batch);
                 Ok(())
             }
+            // Refused at enqueue: the rest of the batch is in the transaction,
+            // and the refused records go to the dead-letter sink.
+            Err(e @ SinkError::Rejected { .. }) => {
+                txn.produced(batch);
+                Err(e)
+            }
             Err(e) => Err(aborted(txn.fail(e.to_string()))),
         }
     }
 
     async fn produce(&self, batch: &[Message]) -> Result<(), SinkError> {
-        let mut reports: Vec<DeliveryFuture> = Vec::with_capacity(batch.len());
-        for m in batch {
+        let mut reports: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(batch.len());
+        let mut rejected = Vec::new();
+        for (index, m) in batch.iter().enumerate() {
             let payload = m.payload.to_bytes();
             let key = self.key_of(m);
             let mut headers = OwnedHeaders::new_with_capacity(m.headers.len() + self.extra_headers.len());
@@ -330,7 +337,7 @@ impl KafkaSink {
             loop {
                 match self.producer.send_result(record) {
                     Ok(report) => {
-                        reports.push(report);
+                        reports.push((index, report));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -339,14 +346,27 @@ impl KafkaSink {
                         if reports.is_empty() {
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         } else {
-                            await_reports(self, &mut reports).await?;
+                            await_reports(self, &mut reports, &mut rejected).await?;
                         }
+                    }
+                    // Refused before it left: it never joined a transaction either.
+                    Err((KafkaError::MessageProduction(code), _)) if refuses_the_record(code) => {
+                        rejected.push(Rejection {
+                            index,
+                            error: format!("the producer refused the record ({} bytes): {code}", payload.len()),
+                        });
+                        break;
                     }
                     Err((e, _)) => return Err(self.error("enqueue", &e)),
                 }
             }
         }
-        await_reports(self, &mut reports).await
+        await_reports(self, &mut reports, &mut rejected).await?;
+        if rejected.is_empty() {
+            Ok(())
+        } else {
+            Err(SinkError::Rejected { kind: "kafka", target: self.topic.clone(), rejected, attempts: 1 })
+        }
     }
 }
 
@@ -365,11 +385,37 @@ fn brokers(
     }
 }
 
-async fn await_reports(sink: &KafkaSink, reports: &mut Vec<DeliveryFuture>) -> Result<(), SinkError> {
+/// Errors that are about the record itself, not the broker's health: the
+/// same record sent again gets the same answer.
+fn refuses_the_record(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidTimestamp
+            | RDKafkaErrorCode::PolicyViolation
+            | RDKafkaErrorCode::MessageBatchTooLarge
+    )
+}
+
+/// Awaits the delivery reports. A report refusing its record adds to
+/// `rejected` (outside a transaction: inside one, librdkafka requires the
+/// whole transaction to abort, so it fails the batch like any error);
+/// anything else fails the batch.
+async fn await_reports(
+    sink: &KafkaSink,
+    reports: &mut Vec<(usize, DeliveryFuture)>,
+    rejected: &mut Vec<Rejection>,
+) -> Result<(), SinkError> {
     let mut first_error = None;
-    for report in reports.drain(..) {
+    for (index, report) in reports.drain(..) {
         match report.await {
             Ok(Ok(_)) => {}
+            Ok(Err((KafkaError::MessageProduction(code), _))) if sink.txn.is_none() && refuses_the_record(code) => {
+                rejected.push(Rejection { index, error: format!("the broker refused the record: {code}") });
+            }
             Ok(Err((e, _))) => {
                 first_error.get_or_insert_with(|| sink.error("delivery", &e));
             }

@@ -31,6 +31,21 @@ pub enum SinkError {
     /// must restart from the committed offsets.
     #[error("{kind} sink {target}: {detail}")]
     Aborted { kind: &'static str, target: String, detail: String },
+    /// The broker answered, and refused these records for what they are
+    /// (too large, invalid): sending them again cannot help, and holding
+    /// them would stall every message behind them. The rest of the batch
+    /// was delivered. After `deadLetter.maxRetries` the runtime dead-letters
+    /// them (reason `sink_rejected`).
+    #[error("{kind} sink {target} refused {} record(s) after {attempts} attempt(s): {}", rejected.len(),
+        rejected.first().map_or("", |r| r.error.as_str()))]
+    Rejected { kind: &'static str, target: String, rejected: Vec<Rejection>, attempts: u32 },
+}
+
+/// One record a sink refused: its index in the batch written, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    pub index: usize,
+    pub error: String,
 }
 
 pub trait Sink: Send {

@@ -15,12 +15,15 @@ use std::{
 
 use async_nats::{
     HeaderMap,
-    jetstream::{self, context::PublishAckFuture},
+    jetstream::{
+        self,
+        context::{PublishAckFuture, PublishError, PublishErrorKind},
+    },
 };
 use futures::future::BoxFuture;
 use sluice_crds::NatsSink as NatsSinkSpec;
 
-use super::{Sink, SinkError};
+use super::{Rejection, Sink, SinkError};
 use crate::{
     message::Message,
     source::{
@@ -86,8 +89,10 @@ impl NatsSink {
     }
 
     async fn write_batch(&self, batch: &[Message]) -> Result<(), SinkError> {
-        let mut window: VecDeque<PublishAckFuture> = VecDeque::with_capacity(self.max_in_flight.min(batch.len()));
-        for m in batch {
+        let mut window: VecDeque<(usize, PublishAckFuture)> =
+            VecDeque::with_capacity(self.max_in_flight.min(batch.len()));
+        let mut rejected = Vec::new();
+        for (index, m) in batch.iter().enumerate() {
             let payload = m.payload.to_bytes().into_owned();
             let mut headers = HeaderMap::new();
             for (k, v) in m.headers.iter().chain(&self.extra_headers) {
@@ -102,19 +107,54 @@ impl NatsSink {
                 .message_id(message_id(m, &payload))
                 .payload(payload.into());
             if window.len() >= self.max_in_flight
-                && let Some(oldest) = window.pop_front()
+                && let Some((i, oldest)) = window.pop_front()
             {
-                oldest.await.map_err(|e| self.error("publish ack", e))?;
+                self.acked(i, oldest.await, &mut rejected)?;
             }
-            let ack =
-                self.js.send_publish(self.subject.clone(), publish).await.map_err(|e| self.error("publish", e))?;
-            window.push_back(ack);
+            match self.js.send_publish(self.subject.clone(), publish).await {
+                Ok(ack) => window.push_back((index, ack)),
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    rejected.push(Rejection { index, error: format!("the client refused the message: {e}") });
+                }
+                Err(e) => return Err(self.error("publish", e)),
+            }
         }
-        for ack in window {
-            ack.await.map_err(|e| self.error("publish ack", e))?;
+        for (i, ack) in window {
+            self.acked(i, ack.await, &mut rejected)?;
         }
-        Ok(())
+        if rejected.is_empty() {
+            Ok(())
+        } else {
+            Err(SinkError::Rejected { kind: "nats", target: self.subject.clone(), rejected, attempts: 1 })
+        }
     }
+
+    /// A publish acknowledgement: stored, refused for what the message is
+    /// (over the stream's maximum message size), or an error.
+    fn acked(
+        &self,
+        index: usize,
+        ack: Result<jetstream::publish::PublishAck, PublishError>,
+        rejected: &mut Vec<Rejection>,
+    ) -> Result<(), SinkError> {
+        match ack {
+            Ok(_) => Ok(()),
+            Err(e) if refuses_the_message(&e) => {
+                rejected.push(Rejection { index, error: format!("JetStream refused the message: {e}") });
+                Ok(())
+            }
+            Err(e) => Err(self.error("publish ack", e)),
+        }
+    }
+}
+
+/// JetStream's answer that the message itself is refused: its payload or
+/// headers are larger than the stream allows.
+fn refuses_the_message(e: &PublishError) -> bool {
+    use jetstream::ErrorCode;
+    std::error::Error::source(e).and_then(|s| s.downcast_ref::<jetstream::Error>()).is_some_and(|j| {
+        matches!(j.error_code(), ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM)
+    })
 }
 
 impl Sink for NatsSink {
