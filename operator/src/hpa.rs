@@ -17,6 +17,7 @@
 //! scale (no metrics, no selector yet) is reported with its own words.
 
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 
 use crate::status::Problem;
 
@@ -103,6 +104,143 @@ fn failing_condition(hpa: &HorizontalPodAutoscaler) -> Option<(String, String, S
         .filter(|c| c.type_ == "AbleToScale" || c.type_ == "ScalingActive")
         .find(|c| c.reason.as_deref() != Some("ScalingDisabled"))
         .map(|c| (c.type_.clone(), c.reason.clone().unwrap_or_default(), c.message.clone().unwrap_or_default()))
+}
+
+/// KEDA's ScaledObject, watched as a dynamic object: the operator does not
+/// depend on KEDA's types, and runs the same where KEDA is not installed.
+pub fn scaled_object_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("keda.sh", "v1alpha1", "ScaledObject"), "scaledobjects")
+}
+
+/// How long KEDA may take to act on a new ScaledObject (make its HPA, write
+/// its status) before the operator says it does not.
+pub const KEDA_GRACE_SECONDS: i64 = 30;
+
+/// A KEDA ScaledObject that targets a StreamProcessor, as far as the
+/// operator needs to know it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScaledObjectView {
+    pub namespace: String,
+    pub name: String,
+    /// Seconds since it was created.
+    pub age_seconds: i64,
+    /// Its Ready condition, if KEDA wrote one: (status, reason, message).
+    pub ready: Option<(String, String, String)>,
+    /// The HPA KEDA makes for it (`status.hpaName`, else `keda-hpa-<name>`).
+    pub hpa: String,
+}
+
+impl ScaledObjectView {
+    fn describe(&self) -> String {
+        format!("KEDA ScaledObject {}/{}", self.namespace, self.name)
+    }
+}
+
+/// Does the ScaledObject `so` target the StreamProcessor `namespace/name`?
+/// (KEDA's scaleTargetRef defaults to apps/v1 Deployment.)
+pub fn scaled_object_target(so: &DynamicObject) -> Option<(String, String)> {
+    let t = so.data.get("spec")?.get("scaleTargetRef")?;
+    let kind = t.get("kind").and_then(|k| k.as_str()).unwrap_or("Deployment");
+    let api_version = t.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("apps/v1");
+    let group = api_version.split_once('/').map(|(g, _)| g);
+    let name = t.get("name")?.as_str()?;
+    (kind == KIND && group == Some(GROUP)).then(|| (so.metadata.namespace.clone().unwrap_or_default(), name.to_string()))
+}
+
+/// The ScaledObjects of `objects` that target `namespace/name`, sorted by name.
+pub fn scaled_objects_targeting<'a>(
+    objects: impl IntoIterator<Item = &'a DynamicObject>,
+    namespace: &str,
+    name: &str,
+    now: k8s_openapi::jiff::Timestamp,
+) -> Vec<ScaledObjectView> {
+    let mut found: Vec<ScaledObjectView> = objects
+        .into_iter()
+        .filter(|so| so.metadata.deletion_timestamp.is_none())
+        .filter(|so| scaled_object_target(so).is_some_and(|(ns, n)| ns == namespace && n == name))
+        .map(|so| {
+            let so_name = so.metadata.name.clone().unwrap_or_default();
+            let status = so.data.get("status");
+            let ready = status
+                .and_then(|s| s.get("conditions"))
+                .and_then(|c| c.as_array())
+                .and_then(|c| c.iter().find(|c| c.get("type").and_then(|t| t.as_str()) == Some("Ready")))
+                .map(|c| {
+                    let field = |f: &str| c.get(f).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+                    (field("status"), field("reason"), field("message"))
+                });
+            let hpa = status
+                .and_then(|s| s.get("hpaName"))
+                .and_then(|h| h.as_str())
+                .filter(|h| !h.is_empty())
+                .map_or_else(|| format!("keda-hpa-{so_name}"), str::to_string);
+            let age_seconds =
+                so.metadata.creation_timestamp.as_ref().map_or(0, |t| now.as_second() - t.0.as_second());
+            ScaledObjectView { namespace: namespace.to_string(), name: so_name, age_seconds, ready, hpa }
+        })
+        .collect();
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    found
+}
+
+/// The autoscalers of a processor: its HPAs, and the ScaledObjects whose
+/// HPA KEDA has not made (yet, or at all), which intend to scale it all the
+/// same (a conflict with spec.scaling, or with another HPA, either way).
+pub fn with_scaled_objects(
+    mut hpas: Vec<ExternalAutoscaler>,
+    scaled_objects: &[ScaledObjectView],
+) -> Vec<ExternalAutoscaler> {
+    for so in scaled_objects {
+        if hpas.iter().any(|h| h.hpa == so.hpa) {
+            continue;
+        }
+        hpas.push(ExternalAutoscaler {
+            namespace: so.namespace.clone(),
+            hpa: so.hpa.clone(),
+            scaled_object: Some(so.name.clone()),
+            failing: None,
+        });
+    }
+    hpas.sort_by(|a, b| a.hpa.cmp(&b.hpa));
+    hpas
+}
+
+/// What ScaledObjects without their HPA mean when KEDA is the one meant to
+/// scale (no spec.scaling; the conflict otherwise is [`problems`]'s): KEDA
+/// is not running (no status after the grace period), or KEDA refuses the
+/// ScaledObject (its Ready condition is False, e.g. the processor has no
+/// scale selector yet). Those whose HPA exists are judged through the HPA.
+pub fn scaled_object_problems(
+    builtin_scaling: bool,
+    scaled_objects: &[ScaledObjectView],
+    hpas: &[ExternalAutoscaler],
+) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if builtin_scaling {
+        return out;
+    }
+    for so in scaled_objects.iter().filter(|so| !hpas.iter().any(|h| h.hpa == so.hpa)) {
+        match &so.ready {
+            Some((status, reason, message)) if status == "False" => out.push(Problem {
+                reason: AUTOSCALER_FAILING,
+                message: format!(
+                    "{} cannot scale this StreamProcessor (Ready=False, {reason}): {message}; replicas stay at spec.replicas until KEDA accepts it",
+                    so.describe()
+                ),
+            }),
+            None if so.age_seconds >= KEDA_GRACE_SECONDS => out.push(Problem {
+                reason: AUTOSCALER_FAILING,
+                message: format!(
+                    "{} targets this StreamProcessor but KEDA has not acted on it in {}s (no status, no HPA {}): KEDA is not installed or not running (check `kubectl get pods -n keda` and the APIService v1beta1.external.metrics.k8s.io); replicas stay at spec.replicas",
+                    so.describe(),
+                    so.age_seconds,
+                    so.hpa
+                ),
+            }),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The problems the external autoscalers of one processor make, for Degraded.
@@ -249,6 +387,89 @@ mod tests {
         let conditions = h.status.as_mut().and_then(|s| s.conditions.as_mut()).expect("conditions");
         conditions[1].reason = Some("ScalingDisabled".into());
         assert!(problems(false, &targeting(&[h], "shop", "orders")).is_empty());
+    }
+
+    fn scaled_object(name: &str, target: serde_json::Value, age: i64, ready: Option<(&str, &str, &str)>) -> DynamicObject {
+        let created = k8s_openapi::jiff::Timestamp::from_second(1_000_000 - age).expect("time");
+        let mut v = serde_json::json!({
+            "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+            "metadata": {"name": name, "namespace": "shop", "creationTimestamp": created.to_string()},
+            "spec": {"scaleTargetRef": target, "triggers": [{"type": "kafka", "metadata": {"lagThreshold": "1000"}}]}
+        });
+        if let Some((status, reason, message)) = ready {
+            v["status"] = serde_json::json!({"conditions": [
+                {"type": "Ready", "status": status, "reason": reason, "message": message},
+                {"type": "Active", "status": "Unknown"}]});
+        }
+        serde_json::from_value(v).expect("ScaledObject fixture")
+    }
+
+    fn now() -> k8s_openapi::jiff::Timestamp {
+        k8s_openapi::jiff::Timestamp::from_second(1_000_000).expect("time")
+    }
+
+    fn on_orders() -> serde_json::Value {
+        serde_json::json!({"apiVersion": "sluice.io/v1alpha1", "kind": "StreamProcessor", "name": "orders"})
+    }
+
+    #[test]
+    fn scaled_objects_on_this_stream_processor_count_and_keda_defaults_to_deployments() {
+        let objects = [
+            scaled_object("b", on_orders(), 5, None),
+            scaled_object("a", on_orders(), 5, None),
+            scaled_object("deploy", serde_json::json!({"name": "orders"}), 5, None),
+            scaled_object("other", serde_json::json!({"apiVersion": "sluice.io/v1alpha1", "kind": "StreamProcessor", "name": "payments"}), 5, None),
+        ];
+        let found = scaled_objects_targeting(&objects, "shop", "orders", now());
+        assert_eq!(found.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(found[0].hpa, "keda-hpa-a");
+        assert_eq!(found[0].age_seconds, 5);
+        assert!(scaled_objects_targeting(&objects, "elsewhere", "orders", now()).is_empty());
+    }
+
+    #[test]
+    fn keda_not_running_is_said_after_the_grace_period_and_not_before() {
+        let fresh = scaled_objects_targeting(&[scaled_object("so", on_orders(), 10, None)], "shop", "orders", now());
+        assert!(scaled_object_problems(false, &fresh, &[]).is_empty(), "KEDA gets time to act");
+        let old = scaled_objects_targeting(&[scaled_object("so", on_orders(), 45, None)], "shop", "orders", now());
+        let p = scaled_object_problems(false, &old, &[]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].reason, AUTOSCALER_FAILING);
+        assert!(p[0].message.contains("KEDA ScaledObject shop/so targets this StreamProcessor but KEDA has not acted on it in 45s"), "{}", p[0].message);
+        assert!(p[0].message.contains("no HPA keda-hpa-so"), "{}", p[0].message);
+        assert!(p[0].message.contains("kubectl get pods -n keda"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn a_scaled_object_keda_refuses_is_reported_in_kedas_words() {
+        let so = scaled_object("so", on_orders(), 5, Some(("False", "ScaledObjectCheckFailed", "StreamProcessor.sluice.io \"orders\" doesn't expose /scale subresource")));
+        let p = scaled_object_problems(false, &scaled_objects_targeting(&[so], "shop", "orders", now()), &[]);
+        assert_eq!(p[0].reason, AUTOSCALER_FAILING);
+        assert!(p[0].message.contains("(Ready=False, ScaledObjectCheckFailed): StreamProcessor.sluice.io"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn a_scaled_object_with_its_hpa_is_judged_by_the_hpa_and_a_ready_one_is_fine() {
+        let so = scaled_object("orders-so", on_orders(), 500, Some(("False", "Broken", "x")));
+        let views = scaled_objects_targeting(&[so], "shop", "orders", now());
+        let hpas = targeting(&[keda("orders-so", "orders")], "shop", "orders");
+        assert!(scaled_object_problems(false, &views, &hpas).is_empty());
+        let ok = scaled_object("so", on_orders(), 500, Some(("True", "ScaledObjectReady", "ok")));
+        assert!(scaled_object_problems(false, &scaled_objects_targeting(&[ok], "shop", "orders", now()), &[]).is_empty());
+    }
+
+    #[test]
+    fn spec_scaling_and_a_scaled_object_keda_never_acted_on_still_conflict() {
+        let views = scaled_objects_targeting(&[scaled_object("so", on_orders(), 1, None)], "shop", "orders", now());
+        assert!(scaled_object_problems(true, &views, &[]).is_empty(), "the conflict is problems()'s to say");
+        let p = problems(true, &with_scaled_objects(vec![], &views));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].reason, SCALING_CONFLICT);
+        assert!(p[0].message.contains("KEDA ScaledObject shop/so (HPA keda-hpa-so)"), "{}", p[0].message);
+        assert!(p[0].message.contains("delete ScaledObject so"), "{}", p[0].message);
+        // Once KEDA made the HPA, it is one autoscaler, not two.
+        let hpas = targeting(&[keda("so", "orders")], "shop", "orders");
+        assert_eq!(with_scaled_objects(hpas, &views).len(), 1);
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //!   reported on the processor (Degraded AutoscalerFailing, an Event);
 //! - spec.scaling with a ScaledObject on the same processor is reported
 //!   (Degraded ScalingConflict naming the ScaledObject and the fix, an Event)
-//!   and not fought: the workers follow the built-in autoscaler alone.
+//!   and not fought: the workers follow the built-in autoscaler alone;
+//! - KEDA not running (CRDs installed, its operator stopped): a ScaledObject
+//!   on a processor is reported (Degraded AutoscalerFailing saying KEDA has
+//!   not acted, an Event) and the condition clears once KEDA is back.
 //!
 //! The triggers watch a consumer group that nobody commits for, so the lag
 //! they see (and the replicas it asks for) stays put while the test looks for
@@ -126,7 +129,7 @@ fn assert_only_autoscalers_write_replicas(sp: &StreamProcessor) {
 async fn keda_and_hpas_scale_stream_processors_through_the_scale_subresource() {
     init_logs();
     let t0 = Instant::now();
-    let cluster = start_cluster_with_keda().await;
+    let mut cluster = start_cluster_with_keda().await;
     eprintln!("cluster with KEDA up in {:?}", t0.elapsed());
     let client = cluster.client().await.expect("client");
     install_crd(&client).await;
@@ -326,6 +329,35 @@ async fn keda_and_hpas_scale_stream_processors_through_the_scale_subresource() {
     eventually_on(&cluster, "the conflict clears", Duration::from_secs(60), || async {
         let sp = sps.get("both").await.ok()?;
         (condition(&sp, "Degraded")?.1 == "AsExpected").then_some(())
+    })
+    .await;
+
+    // --- (d) KEDA not running (its CRDs still installed): a ScaledObject
+    // nobody acts on is reported on the processor, and clears once KEDA is back.
+    let keda_operator = cluster.stop_component(sluice_dev::keda::OPERATOR).expect("stop KEDA's operator");
+    apply(&sps, "nokeda", &processor("nokeda", &bootstrap, "idle", json!({"replicas": 1}))).await;
+    eventually_on(&cluster, "the processor without KEDA is Ready", Duration::from_secs(120), || async {
+        let sp = sps.get("nokeda").await.ok()?;
+        (condition(&sp, "Ready")?.0 == "True").then_some(())
+    })
+    .await;
+    apply_scaled_object(&client, &scaled_object("nokeda-so", "nokeda", trigger("idle"), 2)).await;
+    let (_, _, message) = eventually_on(&cluster, "KEDA not acting is reported", Duration::from_secs(120), || async {
+        let sp = sps.get("nokeda").await.ok()?;
+        condition(&sp, "Degraded").filter(|c| c.0 == "True" && c.1 == "AutoscalerFailing")
+    })
+    .await;
+    eprintln!("ScaledObject with KEDA stopped: Degraded AutoscalerFailing: {message}");
+    assert!(message.contains("KEDA ScaledObject scaling/nokeda-so targets this StreamProcessor"), "{message}");
+    assert!(message.contains("KEDA has not acted on it") && message.contains("kubectl get pods -n keda"), "{message}");
+    let notes = event_notes(&client, "AutoscalerFailing", "nokeda").await;
+    assert!(notes.iter().any(|n| n.contains("nokeda-so")), "no AutoscalerFailing Event: {notes:?}");
+    assert_eq!(workers(&deployments, "nokeda").await.map(|w| w.0), Some(1), "the workers stay at spec.replicas");
+    cluster.start_component(keda_operator).await.expect("start KEDA's operator again");
+    eventually_on(&cluster, "KEDA acts: 2 replicas, the condition clears", Duration::from_secs(180), || async {
+        let sp = sps.get("nokeda").await.ok()?;
+        let clear = condition(&sp, "Degraded")?.1 == "AsExpected";
+        (clear && sp.spec.replicas == Some(2) && workers(&deployments, "nokeda").await?.0 == 2).then_some(())
     })
     .await;
 
