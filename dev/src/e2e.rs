@@ -9,6 +9,9 @@ use crate::cluster::{Cluster, ClusterError, ClusterOptions};
 use crate::kubeconfig;
 
 pub const KUBECONFIG_ENV: &str = "SLUICE_E2E_KUBECONFIG";
+/// With `SLUICE_E2E_KUBECONFIG`: the address this machine has as seen from
+/// that cluster's pods, where the suites' brokers listen and advertise.
+pub const HOST_IP_ENV: &str = "SLUICE_E2E_HOST_IP";
 
 #[derive(Debug)]
 pub enum E2eCluster {
@@ -58,6 +61,30 @@ impl E2eCluster {
             E2eCluster::Local(c) => Some(c),
             E2eCluster::External { .. } => None,
         }
+    }
+
+    /// The address the cluster's pods reach this machine at: the local
+    /// cluster's host address, or `SLUICE_E2E_HOST_IP` for another cluster.
+    pub fn host_ip(&self) -> Result<std::net::Ipv4Addr, String> {
+        match self {
+            E2eCluster::Local(c) => Ok(c.host_ip()),
+            E2eCluster::External { kubeconfig } => {
+                let raw = std::env::var(HOST_IP_ENV).map_err(|_| {
+                    format!(
+                        "{KUBECONFIG_ENV}={} is set, so {HOST_IP_ENV} must say which IPv4 address of this machine \
+                         that cluster's pods can reach (the suites start their brokers here), e.g. the docker \
+                         bridge's gateway for kind: `docker network inspect kind -f '{{{{(index .IPAM.Config 0).Gateway}}}}'`",
+                        kubeconfig.display()
+                    )
+                })?;
+                raw.trim().parse().map_err(|e| format!("{HOST_IP_ENV}={raw}: not an IPv4 address: {e}"))
+            }
+        }
+    }
+
+    /// The local cluster's audit log (another cluster's is not ours to read).
+    pub fn audit_records(&self) -> Option<Vec<crate::audit::AuditRecord>> {
+        self.local().and_then(|c| c.audit_records().ok())
     }
 
     pub fn local_mut(&mut self) -> Option<&mut Cluster> {

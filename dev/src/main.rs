@@ -218,12 +218,13 @@ async fn up(
     let kc = cluster.kubeconfig_path();
     let kubectl = cluster.config().bin("kubectl");
     println!(
-        "sluice-dev is up: node {} Ready after {:.1} s (DNS answering after {:.1} s)\n\n  export KUBECONFIG={}\n  {} get nodes\n\nlogs: {}\nstop with Ctrl-C, or: sluice-dev down --state-dir {}",
+        "sluice-dev is up: node {} Ready after {:.1} s (DNS answering after {:.1} s)\n\n  export KUBECONFIG={}\n  {} get nodes\n\nhost address (where pods reach this machine): {}\nlogs: {}\nstop with Ctrl-C, or: sluice-dev down --state-dir {}",
         cluster.config().node_name,
         t.node_ready.as_secs_f64(),
         t.total.as_secs_f64(),
         kc.display(),
         kubectl.display(),
+        cluster.host_ip(),
         cluster.config().logs_dir().display(),
         state.display(),
     );

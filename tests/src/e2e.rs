@@ -16,7 +16,7 @@ use kube::{
 };
 use serde_json::json;
 use sluice_crds::StreamProcessor;
-use sluice_dev::{Cluster, ClusterOptions, image};
+use sluice_dev::{Cluster, ClusterOptions, e2e::E2eCluster, image};
 
 use crate::repo_root;
 
@@ -61,11 +61,49 @@ pub fn project_image() -> PathBuf {
     image::build(&spec, &sluice_dev::host::cache_root()).unwrap_or_else(|e| panic!("building the project image: {e}"))
 }
 
-pub async fn start_cluster() -> Cluster {
+/// A fresh local sluice-dev cluster with the project's image loaded.
+pub async fn start_local_cluster() -> Cluster {
     let opts = ClusterOptions { images: vec![project_image()], ..ClusterOptions::default() };
     Cluster::start(opts).await.unwrap_or_else(|e| {
         panic!("could not start the sluice-dev cluster: {e}\n(build it with `bash dev/scripts/build-cluster.sh`, run as root)")
     })
+}
+
+/// The cluster of a suite that can run anywhere: the one
+/// `SLUICE_E2E_KUBECONFIG` names (with the project's image, [`IMAGE`],
+/// loaded there and `SLUICE_E2E_HOST_IP` set), else a fresh local one.
+pub async fn start_cluster() -> E2eCluster {
+    match std::env::var_os(sluice_dev::e2e::KUBECONFIG_ENV) {
+        Some(path) if !path.is_empty() => {
+            eprintln!("e2e against the cluster of {} (image {IMAGE} must be loaded there)", PathBuf::from(&path).display());
+            E2eCluster::External { kubeconfig: PathBuf::from(path) }
+        }
+        _ => E2eCluster::Local(Box::new(start_local_cluster().await)),
+    }
+}
+
+/// What [`diagnose`] needs of a cluster.
+pub trait Inspect {
+    fn kubectl(&self) -> std::process::Command;
+    fn audit(&self) -> Option<Vec<sluice_dev::audit::AuditRecord>>;
+}
+
+impl Inspect for Cluster {
+    fn kubectl(&self) -> std::process::Command {
+        Cluster::kubectl(self)
+    }
+    fn audit(&self) -> Option<Vec<sluice_dev::audit::AuditRecord>> {
+        self.audit_records().ok()
+    }
+}
+
+impl Inspect for E2eCluster {
+    fn kubectl(&self) -> std::process::Command {
+        E2eCluster::kubectl(self)
+    }
+    fn audit(&self) -> Option<Vec<sluice_dev::audit::AuditRecord>> {
+        self.audit_records()
+    }
 }
 
 pub async fn install_crd(client: &Client) {
@@ -118,7 +156,7 @@ pub fn condition(sp: &StreamProcessor, type_: &str) -> Option<(String, String, S
 
 /// What a person would look at when an e2e wait times out: objects, Events,
 /// the operator's and workers' logs, and denied requests in the audit log.
-pub fn diagnose(cluster: &Cluster) -> String {
+pub fn diagnose(cluster: &(impl Inspect + ?Sized)) -> String {
     let mut out = String::new();
     let namespaces = cluster
         .kubectl()
@@ -159,7 +197,7 @@ pub fn diagnose(cluster: &Cluster) -> String {
             Err(e) => out.push_str(&format!("\nkubectl {args:?}: {e}")),
         }
     }
-    if let Ok(records) = cluster.audit_records() {
+    if let Some(records) = cluster.audit() {
         let denied: Vec<String> = records.iter().filter(|r| r.code == 403).map(|r| format!("{r:?}")).take(20).collect();
         out.push_str(&format!("\n403s in the audit log: {denied:#?}\n"));
     }
@@ -167,7 +205,12 @@ pub fn diagnose(cluster: &Cluster) -> String {
 }
 
 /// Like [`eventually`], with [`diagnose`] in the failure message.
-pub async fn eventually_on<T, F, Fut>(cluster: &Cluster, what: &str, within: Duration, mut check: F) -> T
+pub async fn eventually_on<T, F, Fut>(
+    cluster: &(impl Inspect + ?Sized),
+    what: &str,
+    within: Duration,
+    mut check: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,

@@ -22,7 +22,7 @@ use serde_json::json;
 use sluice_crds::StreamProcessor;
 use sluice_dev::Cluster;
 use sluice_tests::{
-    e2e::{condition, eventually, eventually_on, restricted_namespace, start_cluster},
+    e2e::{condition, eventually, eventually_on, restricted_namespace, start_local_cluster},
     repo_root, require_tool,
 };
 
@@ -112,7 +112,7 @@ async fn lease_holder(client: &kube::Client) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_runs_the_operator_under_its_own_rbac() {
-    let cluster = start_cluster().await;
+    let cluster = start_local_cluster().await;
     let client = cluster.client().await.expect("client");
     restricted_namespace(&client, SYSTEM).await;
     restricted_namespace(&client, APPS).await;

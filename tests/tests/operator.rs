@@ -212,7 +212,7 @@ async fn broker_problems_are_conditions_and_a_killed_worker_loses_nothing() {
     let ns = "sluice-e2e-brokers";
     restricted_namespace(&client, ns).await;
     let kafka = std::sync::Arc::new(
-        Kafka::start_with(KafkaConfig { host: cluster.host_ip(), ..KafkaConfig::default() })
+        Kafka::start_with(KafkaConfig { host: host_ip(&cluster), ..KafkaConfig::default() })
             .unwrap_or_else(|e| panic!("{e}")),
     );
     kafka.create_topic("orders", 6).expect("topic");
@@ -259,7 +259,7 @@ async fn broker_problems_are_conditions_and_a_killed_worker_loses_nothing() {
     sps.delete("secured", &DeleteParams::default()).await.expect("delete");
 
     // A broker nobody listens on: BrokerUnreachable with the address.
-    let closed = format!("{}:1", cluster.host_ip());
+    let closed = format!("{}:1", host_ip(&cluster));
     let orders: StreamProcessor = serde_json::from_value(json!({
         "apiVersion": "sluice.io/v1alpha1", "kind": "StreamProcessor",
         "metadata": {"name": "orders", "namespace": ns},
@@ -356,4 +356,9 @@ async fn broker_problems_are_conditions_and_a_killed_worker_loses_nothing() {
     eprintln!("worker pod {victim} force-deleted with {at_kill} of {MESSAGES} ids out; all {MESSAGES} arrived");
 
     operator.stop().await;
+}
+
+/// Where this machine is for the cluster's pods (the brokers start here).
+fn host_ip(cluster: &sluice_dev::e2e::E2eCluster) -> std::net::Ipv4Addr {
+    cluster.host_ip().unwrap_or_else(|e| panic!("{e}"))
 }
