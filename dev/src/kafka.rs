@@ -12,6 +12,12 @@
 //!
 //! `KafkaConfig::host` is 127.0.0.1 by default; the machine's own address
 //! (`Cluster::host_ip`) lets pods of the local cluster reach it.
+//!
+//! `KafkaConfig::secure` adds a second client listener with SASL (SCRAM and
+//! PLAIN users) over TLS from a CA generated per broker
+//! (dev/kafka/secure-listener*.properties); the helpers below keep using the
+//! plaintext one, so a test reads and writes topics as before and points only
+//! the client under test at [`Kafka::secure_bootstrap`].
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -26,6 +32,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tempfile::TempDir;
 
+use crate::pki::BrokerTls;
 use crate::server::{
     BrokerError, DEFAULT_START_TIMEOUT, Result, STOP_GRACE, ServerProcess, find_tool, free_ports, note, render,
     run_to_completion, tcp_accepts, temp_dir, write,
@@ -46,6 +53,21 @@ pub struct KafkaConfig {
     /// Address of the client listener, also advertised: 127.0.0.1, or this
     /// machine's own address when pods of the local cluster must reach it.
     pub host: std::net::Ipv4Addr,
+    /// A second client listener with SASL (and TLS); none by default.
+    pub secure: Option<SecureListener>,
+}
+
+/// The SECURE listener of [`KafkaConfig::secure`].
+#[derive(Clone, Debug, Default)]
+pub struct SecureListener {
+    /// `(name, password)`: created for SCRAM-SHA-512 and SCRAM-SHA-256 when
+    /// the storage is formatted (`kafka-storage format --add-scram`).
+    pub scram_users: Vec<(String, String)>,
+    /// `(name, password)` for SASL/PLAIN (JAAS `user_<name>`).
+    pub plain_users: Vec<(String, String)>,
+    /// SASL_SSL with a serving certificate from a CA generated for this
+    /// broker ([`Kafka::ca_pem`]); false: SASL_PLAINTEXT.
+    pub tls: bool,
 }
 
 impl Default for KafkaConfig {
@@ -55,6 +77,7 @@ impl Default for KafkaConfig {
             heap: "512m".into(),
             start_timeout: DEFAULT_START_TIMEOUT,
             host: std::net::Ipv4Addr::LOCALHOST,
+            secure: None,
         }
     }
 }
@@ -69,6 +92,10 @@ pub struct Kafka {
     controller_port: u16,
     start_timeout: Duration,
     host: std::net::Ipv4Addr,
+    /// The SECURE listener's port, when there is one.
+    secure_port: Option<u16>,
+    /// The CA that signed the SECURE listener's certificate (PEM).
+    ca_pem: Option<String>,
     dir: TempDir,
 }
 
@@ -77,6 +104,8 @@ pub struct Kafka {
 const KAFKA_CLUSTER_ID: &str = "c2x1aWNlLXRlc3Qta3JhZg";
 const KAFKA_SERVER_PROPERTIES: &str = include_str!("../kafka/server.properties");
 const KAFKA_LOG4J2: &str = include_str!("../kafka/log4j2.properties");
+const KAFKA_SECURE_LISTENER: &str = include_str!("../kafka/secure-listener.properties");
+const KAFKA_SECURE_LISTENER_TLS: &str = include_str!("../kafka/secure-listener-tls.properties");
 
 impl Kafka {
     /// Starts a broker with the defaults, or panics with what went wrong.
@@ -91,7 +120,7 @@ impl Kafka {
         let java = find_tool("java", "apt-get install -y openjdk-17-jre-headless")?;
         let libs = kafka_libs()?;
         let dir = temp_dir(SERVER)?;
-        let [broker_port, controller_port] = free_ports::<2>(SERVER)?;
+        let [broker_port, controller_port, secure_port] = free_ports::<3>(SERVER)?;
         let data_dir = dir.path().join("data");
         let properties = render(
             KAFKA_SERVER_PROPERTIES,
@@ -103,6 +132,38 @@ impl Kafka {
             ],
         );
         let mut properties = properties;
+        let mut ca_pem = None;
+        if let Some(secure) = &config.secure {
+            let plain_users: String =
+                secure.plain_users.iter().map(|(name, password)| format!(" user_{name}=\"{password}\"")).collect();
+            properties.push_str("\n");
+            properties.push_str(&render(
+                KAFKA_SECURE_LISTENER,
+                &[
+                    ("host", &config.host.to_string()),
+                    ("broker_port", &broker_port.to_string()),
+                    ("controller_port", &controller_port.to_string()),
+                    ("secure_port", &secure_port.to_string()),
+                    ("secure_protocol", if secure.tls { "SASL_SSL" } else { "SASL_PLAINTEXT" }),
+                    ("plain_users", &plain_users),
+                ],
+            ));
+            if secure.tls {
+                let tls = BrokerTls::generate("kafka", &[std::net::IpAddr::V4(config.host)]).map_err(|e| {
+                    BrokerError::Kafka { step: "generate the TLS certificates".into(), detail: e.to_string() }
+                })?;
+                properties.push_str("\n");
+                properties.push_str(&render(
+                    KAFKA_SECURE_LISTENER_TLS,
+                    &[
+                        ("certificate_chain", &property_pem(&tls.server.cert_pem)),
+                        ("private_key", &property_pem(&tls.server.key_pem)),
+                    ],
+                ));
+                write(SERVER, &dir.path().join("ca.crt"), &tls.ca_pem)?;
+                ca_pem = Some(tls.ca_pem);
+            }
+        }
         properties.push_str("\n# Overrides (KafkaConfig::properties)\n");
         for (key, value) in &config.properties {
             properties.push_str(&format!("{key}={value}\n"));
@@ -122,6 +183,11 @@ impl Kafka {
             .arg(format!("-Dlog4j2.configurationFile={}", log4j2.display()))
             .args(["-cp", &classpath, "kafka.tools.StorageTool", "format", "-t", KAFKA_CLUSTER_ID, "-c"])
             .arg(&server_properties);
+        for (name, password) in config.secure.iter().flat_map(|s| &s.scram_users) {
+            for mechanism in ["SCRAM-SHA-512", "SCRAM-SHA-256"] {
+                format.arg("--add-scram").arg(format!("{mechanism}=[name={name},password={password}]"));
+            }
+        }
         run_to_completion(SERVER, "kafka-storage format", format, &log)?;
 
         let mut command = Command::new(&java);
@@ -137,6 +203,8 @@ impl Kafka {
             controller_port,
             start_timeout: config.start_timeout,
             host: config.host,
+            secure_port: config.secure.is_some().then_some(secure_port),
+            ca_pem,
             dir,
         };
         kafka.launch()?;
@@ -149,9 +217,13 @@ impl Kafka {
         let bootstrap = self.bootstrap();
         let broker_port = self.broker_port;
         let addr = std::net::SocketAddr::from((self.host, broker_port));
+        let secure = self.secure_port.map(|port| std::net::SocketAddr::from((self.host, port)));
         let mut client: Option<BaseConsumer> = None;
         self.process.wait_ready(self.start_timeout, || {
             tcp_accepts(addr)?;
+            if let Some(secure) = secure {
+                tcp_accepts(secure)?;
+            }
             let consumer = match &client {
                 Some(consumer) => consumer,
                 None => client.insert(kafka_client(&bootstrap).create().map_err(|e| e.to_string())?),
@@ -170,6 +242,21 @@ impl Kafka {
     /// `host:port` for `bootstrap.servers`.
     pub fn bootstrap(&self) -> String {
         format!("{}:{}", self.host, self.broker_port)
+    }
+
+    /// `host:port` of the SECURE listener ([`KafkaConfig::secure`]).
+    ///
+    /// # Panics
+    /// When the broker was started without one: a bug in the test.
+    pub fn secure_bootstrap(&self) -> String {
+        let port = self.secure_port.expect("Kafka::secure_bootstrap: start the broker with KafkaConfig::secure");
+        format!("{}:{port}", self.host)
+    }
+
+    /// The PEM CA certificate that signed the SECURE listener's certificate
+    /// (also in `<dir>/ca.crt`); `None` without TLS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     pub fn broker_port(&self) -> u16 {
@@ -285,6 +372,12 @@ pub fn kafka_libs() -> Result<PathBuf> {
         .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("kafka_2.13-")))
         .unwrap_or(false);
     if has_broker { Ok(dir) } else { Err(BrokerError::KafkaJarsMissing { dir }) }
+}
+
+/// A PEM block as one properties value: Kafka's PEM parser ignores the
+/// whitespace inside the base64, so the lines are joined with spaces.
+fn property_pem(pem: &str) -> String {
+    pem.trim().lines().map(str::trim).collect::<Vec<_>>().join(" ")
 }
 
 /// Client settings for short-lived harness clients: fail fast, stay quiet.

@@ -130,6 +130,23 @@ impl TinyCa {
     }
 }
 
+/// A broker's TLS identity for the test harness: a CA of its own and a
+/// serving certificate for `localhost` and `ips`, signed by it. Clients
+/// trust `ca_pem`; the broker serves `server`.
+#[derive(Debug, Clone)]
+pub struct BrokerTls {
+    pub ca_pem: String,
+    pub server: CertPair,
+}
+
+impl BrokerTls {
+    pub fn generate(broker: &str, ips: &[IpAddr]) -> Result<Self, PkiError> {
+        let ca = TinyCa::new(&format!("{broker}-test-ca"))?;
+        let server = ca.issue(&CertSpec::server(broker, &["localhost"], ips))?;
+        Ok(BrokerTls { ca_pem: ca.cert_pem().to_string(), server })
+    }
+}
+
 /// A key pair for signing service account tokens (private and public PEM).
 pub fn service_account_key() -> Result<CertPair, PkiError> {
     let key = KeyPair::generate().map_err(generate_err("service-accounts"))?;

@@ -30,9 +30,11 @@ use std::time::{Duration, Instant};
 
 // Apache Kafka's harness lives in sluice-dev, whose demo runs a broker too;
 // the process harness beside it serves NATS and Redis here.
-pub use sluice_dev::kafka::{Kafka, KafkaConfig, KafkaRecord, kafka_libs};
+pub use sluice_dev::kafka::{Kafka, KafkaConfig, KafkaRecord, SecureListener, kafka_libs};
 pub use sluice_dev::server::BrokerError;
-use sluice_dev::server::{DEFAULT_START_TIMEOUT, Result, STOP_GRACE, ServerProcess, free_ports, local, note, temp_dir};
+use sluice_dev::server::{
+    DEFAULT_START_TIMEOUT, Result, STOP_GRACE, ServerProcess, free_ports, local, note, temp_dir, write,
+};
 use tempfile::TempDir;
 
 use crate::require_tool;
@@ -45,11 +47,17 @@ pub struct NatsConfig {
     /// Extra nats-server flags, after the harness's own (`--max_payload`, ...).
     pub args: Vec<String>,
     pub start_timeout: Duration,
+    /// `(user, password)` every client must log in with; none by default.
+    pub user: Option<(String, String)>,
+    /// TLS on the client port, with a serving certificate from a CA the
+    /// harness generates for this server ([`Nats::ca_pem`], `<dir>/ca.crt`).
+    /// The monitoring port stays plain HTTP.
+    pub tls: bool,
 }
 
 impl Default for NatsConfig {
     fn default() -> Self {
-        Self { args: Vec::new(), start_timeout: DEFAULT_START_TIMEOUT }
+        Self { args: Vec::new(), start_timeout: DEFAULT_START_TIMEOUT, user: None, tls: false }
     }
 }
 
@@ -61,6 +69,8 @@ pub struct Nats {
     port: u16,
     monitor_port: u16,
     start_timeout: Duration,
+    /// The CA of the TLS certificate, when [`NatsConfig::tls`] is set.
+    ca_pem: Option<String>,
     dir: TempDir,
 }
 
@@ -85,13 +95,34 @@ impl Nats {
         command
             .args(["--addr", "127.0.0.1", "--port", &port.to_string(), "--http_port", &monitor_port.to_string()])
             .args(["--server_name", "sluice-test", "--jetstream", "--store_dir"])
-            .arg(&store)
-            .args(&config.args);
+            .arg(&store);
+        if let Some((user, password)) = &config.user {
+            command.args(["--user", user, "--pass", password]);
+        }
+        let mut ca_pem = None;
+        if config.tls {
+            let tls =
+                sluice_dev::pki::BrokerTls::generate("nats", &[std::net::Ipv4Addr::LOCALHOST.into()]).map_err(|e| {
+                    BrokerError::Io {
+                        server: SERVER,
+                        what: "generate TLS certificates".into(),
+                        source: std::io::Error::other(e),
+                    }
+                })?;
+            let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            write(SERVER, &cert, &tls.server.cert_pem)?;
+            write(SERVER, &key, &tls.server.key_pem)?;
+            write(SERVER, &dir.path().join("ca.crt"), &tls.ca_pem)?;
+            command.arg("--tls").arg("--tlscert").arg(&cert).arg("--tlskey").arg(&key);
+            ca_pem = Some(tls.ca_pem);
+        }
+        command.args(&config.args);
         let mut nats = Nats {
             process: ServerProcess::new(SERVER, command, dir.path().join("nats.log")),
             port,
             monitor_port,
             start_timeout: config.start_timeout,
+            ca_pem,
             dir,
         };
         nats.launch()?;
@@ -114,6 +145,12 @@ impl Nats {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The PEM CA certificate clients trust with [`NatsConfig::tls`]
+    /// (also in `<dir>/ca.crt`).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// The HTTP monitoring port (`/healthz`, `/jsz`, `/connz`).
@@ -157,7 +194,8 @@ impl Nats {
 pub struct RedisConfig {
     /// redis.conf directives given on the command line (`--name value`);
     /// the defaults turn persistence off. Set `appendonly` to `yes` for a
-    /// restart that keeps the data.
+    /// restart that keeps the data, `requirepass` for a server that wants a
+    /// password (the harness's readiness probe logs in with it).
     pub directives: BTreeMap<String, String>,
     pub start_timeout: Duration,
 }
@@ -178,6 +216,8 @@ pub struct Redis {
     process: ServerProcess,
     port: u16,
     start_timeout: Duration,
+    /// `requirepass`, when set.
+    password: Option<String>,
     dir: TempDir,
 }
 
@@ -203,6 +243,7 @@ impl Redis {
             process: ServerProcess::new(SERVER, command, dir.path().join("redis.log")),
             port,
             start_timeout: config.start_timeout,
+            password: config.directives.get("requirepass").filter(|p| !p.is_empty()).cloned(),
             dir,
         };
         redis.launch()?;
@@ -213,7 +254,8 @@ impl Redis {
         let started = Instant::now();
         self.process.spawn()?;
         let addr = local(self.port);
-        self.process.wait_ready(self.start_timeout, || redis_ping(addr))?;
+        let password = self.password.clone();
+        self.process.wait_ready(self.start_timeout, || redis_ping(addr, password.as_deref()))?;
         note(&format!("redis on {} ready after {:?}", self.url(), started.elapsed()));
         Ok(())
     }
@@ -221,6 +263,15 @@ impl Redis {
     /// `redis://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// [`Redis::url`] with the `requirepass` password in it, for the
+    /// test's own clients (a spec names the password by Secret instead).
+    pub fn authenticated_url(&self) -> String {
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => self.url(),
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -267,10 +318,21 @@ fn http_ok(addr: SocketAddr, path: &str) -> Result<(), String> {
     if status.split_whitespace().nth(1) == Some("200") { Ok(()) } else { Err(format!("GET {path}: {status}")) }
 }
 
-fn redis_ping(addr: SocketAddr) -> Result<(), String> {
+fn redis_ping(addr: SocketAddr, password: Option<&str>) -> Result<(), String> {
     let mut stream =
         TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(|e| format!("connect {addr}: {e}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    if let Some(password) = password {
+        // RESP array, so any byte of the password goes through unquoted.
+        let auth = format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{password}\r\n", password.len());
+        stream.write_all(auth.as_bytes()).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).map_err(|e| format!("read AUTH reply: {e}"))?;
+        let reply = String::from_utf8_lossy(&buf[..n]);
+        if !reply.starts_with("+OK") {
+            return Err(format!("AUTH: {}", reply.trim()));
+        }
+    }
     stream.write_all(b"PING\r\n").map_err(|e| e.to_string())?;
     let mut buf = [0u8; 64];
     let n = stream.read(&mut buf).map_err(|e| format!("read PING reply: {e}"))?;
