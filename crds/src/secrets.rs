@@ -6,7 +6,7 @@
 //! the Secret exists before rolling pods, and the worker reads the value back
 //! from the same variable. One function names them for both sides.
 
-use crate::{CredentialsSecretRef, KafkaAuth, NatsAuth, SecretKeyRef, StreamProcessorSpec};
+use crate::{CredentialsSecretRef, KafkaAuth, NatsAuth, SecretKeyRef, StreamProcessorSpec, Tls};
 
 /// One Secret key exposed to the worker as an environment variable.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,17 +71,23 @@ fn kafka_auth(out: &mut Vec<SecretEnv>, path: &str, place: &str, auth: Option<&K
     if let Some(sasl) = &auth.sasl {
         credentials(out, &format!("{path}.sasl.secretRef"), &format!("{place}_SASL"), &sasl.secret_ref);
     }
-    if let Some(tls) = &auth.tls {
-        key(out, &format!("{path}.tls.caSecretRef"), &format!("{place}_TLS_CA"), tls.ca_secret_ref.as_ref());
-        if let Some(name) = &tls.client_cert_secret_name {
-            for (k, what) in [("tls.crt", "TLS_CERT"), ("tls.key", "TLS_KEY")] {
-                out.push(SecretEnv {
-                    spec_path: format!("{path}.tls.clientCertSecretName"),
-                    env: format!("SLUICE_SECRET_{place}_{what}"),
-                    secret: name.clone(),
-                    key: k.into(),
-                });
-            }
+    tls(out, path, place, auth.tls.as_ref());
+}
+
+/// `SLUICE_SECRET_<place>_TLS_CA`, `_TLS_CERT`, `_TLS_KEY`: the same names
+/// for Kafka and NATS (a place has one broker), which the operator's lag
+/// probe reads for either.
+fn tls(out: &mut Vec<SecretEnv>, path: &str, place: &str, tls: Option<&Tls>) {
+    let Some(tls) = tls else { return };
+    key(out, &format!("{path}.tls.caSecretRef"), &format!("{place}_TLS_CA"), tls.ca_secret_ref.as_ref());
+    if let Some(name) = &tls.client_cert_secret_name {
+        for (k, what) in [("tls.crt", "TLS_CERT"), ("tls.key", "TLS_KEY")] {
+            out.push(SecretEnv {
+                spec_path: format!("{path}.tls.clientCertSecretName"),
+                env: format!("SLUICE_SECRET_{place}_{what}"),
+                secret: name.clone(),
+                key: k.into(),
+            });
         }
     }
 }
@@ -93,6 +99,7 @@ fn nats_auth(out: &mut Vec<SecretEnv>, path: &str, place: &str, auth: Option<&Na
         credentials(out, &format!("{path}.userSecretRef"), &format!("{place}_NATS"), user);
     }
     key(out, &format!("{path}.credsSecretRef"), &format!("{place}_NATS_CREDS"), auth.creds_secret_ref.as_ref());
+    tls(out, path, place, auth.tls.as_ref());
 }
 
 fn credentials(out: &mut Vec<SecretEnv>, path: &str, what: &str, r: &CredentialsSecretRef) {
@@ -141,6 +148,31 @@ mod tests {
                 ("SLUICE_SECRET_SINK_SASL_USERNAME", "kafka-ledger-user", "username"),
                 ("SLUICE_SECRET_SINK_SASL_PASSWORD", "kafka-ledger-user", "password"),
                 ("SLUICE_SECRET_SINK_TLS_CA", "kafka-ca", "ca.crt"),
+            ]
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        );
+    }
+
+    #[test]
+    fn nats_tls_uses_the_same_names_as_kafka() {
+        let spec: StreamProcessorSpec = serde_json::from_value(serde_json::json!({
+            "source": {"nats": {"servers": ["tls://n:4222"], "stream": "in", "auth": {
+                "userSecretRef": {"name": "nats-user"},
+                "tls": {"caSecretRef": {"name": "nats-ca", "key": "ca.crt"}, "clientCertSecretName": "nats-client"}
+            }}},
+            "sink": {"stdout": {}}
+        }))
+        .expect("spec");
+        let envs: Vec<(String, String, String)> =
+            secret_envs(&spec).into_iter().map(|e| (e.spec_path, e.env, e.key)).collect();
+        assert_eq!(
+            envs,
+            [
+                ("spec.source.nats.auth.userSecretRef", "SLUICE_SECRET_SOURCE_NATS_USERNAME", "username"),
+                ("spec.source.nats.auth.userSecretRef", "SLUICE_SECRET_SOURCE_NATS_PASSWORD", "password"),
+                ("spec.source.nats.auth.tls.caSecretRef", "SLUICE_SECRET_SOURCE_TLS_CA", "ca.crt"),
+                ("spec.source.nats.auth.tls.clientCertSecretName", "SLUICE_SECRET_SOURCE_TLS_CERT", "tls.crt"),
+                ("spec.source.nats.auth.tls.clientCertSecretName", "SLUICE_SECRET_SOURCE_TLS_KEY", "tls.key"),
             ]
             .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
         );

@@ -278,7 +278,8 @@ pub struct NatsSource {
     pub auth: Option<NatsAuth>,
 }
 
-/// NATS credentials, by reference: a token, a user and password, or a creds file.
+/// NATS credentials, by reference: a token, a user and password, or a creds
+/// file; and TLS.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NatsAuth {
@@ -288,6 +289,11 @@ pub struct NatsAuth {
     pub user_secret_ref: Option<CredentialsSecretRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creds_secret_ref: Option<SecretKeyRef>,
+    /// TLS to the servers (the connection never falls back to plaintext):
+    /// the CA that signs their certificates and a client certificate, as
+    /// for Kafka. Set `tls: {}` for servers signed by a public CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
