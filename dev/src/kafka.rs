@@ -136,7 +136,7 @@ impl Kafka {
         if let Some(secure) = &config.secure {
             let plain_users: String =
                 secure.plain_users.iter().map(|(name, password)| format!(" user_{name}=\"{password}\"")).collect();
-            properties.push_str("\n");
+            properties.push('\n');
             properties.push_str(&render(
                 KAFKA_SECURE_LISTENER,
                 &[
@@ -152,7 +152,7 @@ impl Kafka {
                 let tls = BrokerTls::generate("kafka", &[std::net::IpAddr::V4(config.host)]).map_err(|e| {
                     BrokerError::Kafka { step: "generate the TLS certificates".into(), detail: e.to_string() }
                 })?;
-                properties.push_str("\n");
+                properties.push('\n');
                 properties.push_str(&render(
                     KAFKA_SECURE_LISTENER_TLS,
                     &[
