@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_crds::{KafkaSource, SaslMechanism, StartFrom};
@@ -20,6 +21,7 @@ use super::{Broker, Credentials, Lag, LagProbe, PartitionLag, ProbeError, ProbeO
 
 const BROKERS_FIELD: &str = "spec.source.kafka.brokers";
 const SASL_FIELD: &str = "spec.source.kafka.auth.sasl.secretRef";
+const TLS_FIELD: &str = "spec.source.kafka.auth.tls";
 
 /// Probes one topic for one consumer group; keeps its client between probes.
 pub struct KafkaProbe {
@@ -28,13 +30,49 @@ pub struct KafkaProbe {
 
 /// What a probe on the blocking pool needs.
 struct Shared {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ProbeContext>,
     endpoint: String,
     topic: String,
     group: String,
     start_from: StartFrom,
     timeout: Duration,
 }
+
+/// Keeps the last refused login or failed TLS handshake, with the auth
+/// field to fix: librdkafka reports those only to the error callback
+/// (served while the consumer is polled), while the call that could not
+/// get through just times out. Cleared once a call gets an answer.
+#[derive(Default)]
+struct ProbeContext {
+    refused: std::sync::Mutex<Option<(String, &'static str)>>,
+}
+
+impl ProbeContext {
+    fn refused(&self) -> std::sync::MutexGuard<'_, Option<(String, &'static str)>> {
+        self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ClientContext for ProbeContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "Kafka client error");
+        if let Some(field) = crate::source::kafka::auth_field(&error, reason) {
+            *self.refused() = Some((reason.to_string(), field));
+        }
+    }
+
+    /// librdkafka logs a refused login from its own threads at once, even
+    /// when the error event has not reached this never-polled-for-messages
+    /// consumer yet.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        tracing::debug!(?level, fac, message, "librdkafka");
+        if let Some(field) = crate::source::kafka::refusal_field(message) {
+            *self.refused() = Some((message.to_string(), field));
+        }
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
 
 impl std::fmt::Debug for KafkaProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,10 +96,11 @@ impl KafkaProbe {
         let endpoint = spec.brokers.join(",");
         let group = spec.group.clone().unwrap_or_else(|| processor.default_kafka_group());
         let config = client_config(spec, &group, &credentials, options.timeout)?;
-        let consumer: BaseConsumer = config.create().map_err(|e| ProbeError::Config {
-            field: "spec.source.kafka".into(),
-            detail: format!("the Kafka client rejected the configuration: {e}"),
-        })?;
+        let consumer: BaseConsumer<ProbeContext> =
+            config.create_with_context(ProbeContext::default()).map_err(|e| ProbeError::Config {
+                field: "spec.source.kafka".into(),
+                detail: format!("the Kafka client rejected the configuration: {e}"),
+            })?;
         let shared = Shared {
             consumer,
             endpoint,
@@ -83,12 +122,15 @@ impl Shared {
     fn blocking_probe(&self) -> Result<Lag, ProbeError> {
         let deadline = Instant::now() + self.timeout;
         let left = || deadline.saturating_duration_since(Instant::now());
-        self.drain_events();
+        // Errors that piled up since the last probe: only a refusal is kept
+        // (librdkafka reports a repeated one once), until a call gets through.
+        let _ = self.drain_events();
 
         let metadata = self
             .consumer
             .fetch_metadata(Some(&self.topic), left())
             .map_err(|e| self.error("fetch metadata", e, true))?;
+        *self.consumer.context().refused() = None;
         let topic = metadata.topics().iter().find(|t| t.name() == self.topic);
         let partitions: Vec<i32> = match topic {
             Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
@@ -140,15 +182,18 @@ impl Shared {
     /// A consumer that is never polled keeps librdkafka's error events
     /// (broker down, ...) queued for ever. It has no assignment, so a poll
     /// returns no messages: only those events, which are logged and dropped.
-    fn drain_events(&self) {
+    /// Polling also serves the error callback ([`ProbeContext`]); returns
+    /// the last refusal it kept.
+    fn drain_events(&self) -> Option<(String, &'static str)> {
         const MAX_EVENTS: usize = 1000;
         for _ in 0..MAX_EVENTS {
             match self.consumer.poll(Duration::ZERO) {
-                None => return,
+                None => break,
                 Some(Err(error)) => tracing::debug!(%error, endpoint = %self.endpoint, "Kafka client event"),
                 Some(Ok(_)) => {}
             }
         }
+        self.consumer.context().refused().clone()
     }
 
     /// `first_contact`: a failure of the first call means the brokers were
@@ -156,6 +201,28 @@ impl Shared {
     fn error(&self, step: &'static str, error: KafkaError, first_contact: bool) -> ProbeError {
         let code = error.rdkafka_error_code();
         let endpoint = self.endpoint.clone();
+        if matches!(
+            code,
+            Some(
+                RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::OperationTimedOut
+                    | RDKafkaErrorCode::RequestTimedOut
+            )
+        ) && let Some((refused, field)) = self.drain_events()
+        {
+            let detail = format!("{step}: {refused}");
+            return if field == "auth.tls" {
+                ProbeError::Unreachable {
+                    broker: Broker::Kafka,
+                    endpoint,
+                    field: TLS_FIELD,
+                    detail: format!("TLS handshake failed: {detail}"),
+                }
+            } else {
+                ProbeError::Auth { broker: Broker::Kafka, endpoint, field: SASL_FIELD, detail }
+            };
+        }
         match code {
             Some(
                 RDKafkaErrorCode::Authentication

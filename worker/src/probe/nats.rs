@@ -17,6 +17,7 @@ use super::{Broker, Credentials, Lag, LagProbe, PartitionLag, ProbeError, ProbeO
 
 const SERVERS_FIELD: &str = "spec.source.nats.servers";
 const AUTH_FIELD: &str = "spec.source.nats.auth";
+const TLS_FIELD: &str = "spec.source.nats.auth.tls";
 
 /// Probes one durable consumer of one stream; keeps its connection, which
 /// async-nats re-establishes by itself after the server comes back.
@@ -29,6 +30,8 @@ pub struct NatsProbe {
     filter_subject: Option<String>,
     start_from: StartFrom,
     credentials: Credentials,
+    /// `spec.source.nats.auth.tls` is set: TLS only, trusting `credentials.ca_pem`.
+    tls: bool,
     timeout: Duration,
     client: Mutex<Option<Client>>,
 }
@@ -55,6 +58,7 @@ impl NatsProbe {
             filter_subject: spec.filter_subject.clone(),
             start_from: spec.start_from,
             credentials,
+            tls: spec.auth.as_ref().is_some_and(|a| a.tls.is_some()),
             timeout: options.timeout,
             client: Mutex::new(None),
         })
@@ -79,6 +83,17 @@ impl NatsProbe {
         } else {
             ConnectOptions::new()
         };
+        let options = if self.tls {
+            let client = c.client_cert_pem.as_deref().zip(c.client_key_pem.as_deref());
+            let config = crate::source::nats::tls_client_config(c.ca_pem.as_deref(), client, TLS_FIELD)
+                .map_err(|detail| ProbeError::Config { field: TLS_FIELD.into(), detail })?;
+            match config {
+                Some(config) => options.require_tls(true).tls_client_config(config),
+                None => options.require_tls(true),
+            }
+        } else {
+            options
+        };
         Ok(options.name("sluice-lag-probe").connection_timeout(self.timeout).request_timeout(Some(self.timeout)))
     }
 
@@ -98,6 +113,15 @@ impl NatsProbe {
                         field: AUTH_FIELD,
                         detail,
                     },
+                    // rustls' verdict on the server's certificate comes as an IO error.
+                    ConnectErrorKind::Tls | ConnectErrorKind::Io if detail.contains("certificate") => {
+                        ProbeError::Unreachable {
+                            broker: Broker::Nats,
+                            endpoint: self.endpoint.clone(),
+                            field: TLS_FIELD,
+                            detail: format!("TLS handshake: {detail}"),
+                        }
+                    }
                     ConnectErrorKind::ServerParse => ProbeError::Config {
                         field: SERVERS_FIELD.into(),
                         detail: format!("{detail}: {}", self.endpoint),

@@ -27,7 +27,7 @@ use super::{Rejection, Sink, SinkError};
 use crate::{
     message::Message,
     source::{
-        nats::{HEADER_KEY, HEADER_NATS_SEQ, connect_options},
+        nats::{HEADER_KEY, HEADER_NATS_SEQ, connect_options, log_connection_events},
         redis::HEADER_REDIS_ID,
     },
 };
@@ -69,6 +69,7 @@ impl NatsSink {
     ) -> Result<Self, SinkError> {
         let options = connect_options(spec.auth.as_ref(), place, field, env)
             .map_err(|detail| SinkError::Config { field, detail })?;
+        let options = log_connection_events(options, field, &spec.servers, None);
         let client = options.name("sluice-worker-sink").connect(&spec.servers).await.map_err(|e| {
             SinkError::Config { field, detail: format!("cannot connect to {}: {e}", spec.servers.join(",")) }
         })?;

@@ -13,7 +13,7 @@ use sluice_crds::RedisSink as RedisSinkSpec;
 use super::{Sink, SinkError};
 use crate::{
     message::Message,
-    source::redis::{client, connect},
+    source::redis::{client, connect, is_auth_error, redacted},
 };
 
 pub struct RedisSink {
@@ -22,6 +22,9 @@ pub struct RedisSink {
     max_len: Option<i64>,
     /// Added to every entry (the dead-letter sink names the source here).
     extra_fields: Vec<(String, Vec<u8>)>,
+    /// For errors: the URL without a password, and the spec field of the sink.
+    url: String,
+    field: &'static str,
 }
 
 impl RedisSink {
@@ -37,7 +40,14 @@ impl RedisSink {
         let conn = connect(client, std::time::Duration::from_secs(10))
             .map_err(|e| SinkError::Config { field, detail: e.to_string() })?;
         tracing::info!(stream = %spec.stream, max_len = ?spec.max_len, "Redis Streams sink configured");
-        Ok(Self { conn, stream: spec.stream.clone(), max_len: spec.max_len, extra_fields: Vec::new() })
+        Ok(Self {
+            conn,
+            stream: spec.stream.clone(),
+            max_len: spec.max_len,
+            extra_fields: Vec::new(),
+            url: redacted(&spec.url),
+            field,
+        })
     }
 
     /// Adds a field to every entry this sink writes.
@@ -66,7 +76,14 @@ impl RedisSink {
         let _: Vec<redis::Value> = pipe.query_async(&mut self.conn).await.map_err(|e| SinkError::Broker {
             kind: "redis",
             target: self.stream.clone(),
-            detail: format!("XADD of {} entries: {e}", batch.len()),
+            detail: if is_auth_error(&e) {
+                format!(
+                    "Redis at {} refused the login ({e}): check {}.passwordSecretRef and the Secret it names",
+                    self.url, self.field
+                )
+            } else {
+                format!("XADD of {} entries: {e}", batch.len())
+            },
         })?;
         Ok(())
     }

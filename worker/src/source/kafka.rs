@@ -88,20 +88,54 @@ pub fn client_config(
             .set("sasl.username", get("SASL_USERNAME")?)
             .set("sasl.password", get("SASL_PASSWORD")?);
     }
-    if tls.is_some() {
-        if let Some(ca) = env(&var("TLS_CA")) {
-            config.set("ssl.ca.pem", ca);
+    if let Some(tls) = tls {
+        // A named CA or client certificate whose variable is missing is an
+        // error, not a silent fallback to the system roots.
+        let get = |what: &str, field_path: &str| {
+            env(&var(what)).ok_or_else(|| {
+                format!("{field}.auth.tls.{field_path}: environment variable {} is not set; the operator sets it from the Secret", var(what))
+            })
+        };
+        if tls.ca_secret_ref.is_some() {
+            config.set("ssl.ca.pem", get("TLS_CA", "caSecretRef")?);
         }
-        if let (Some(cert), Some(key)) = (env(&var("TLS_CERT")), env(&var("TLS_KEY"))) {
-            config.set("ssl.certificate.pem", cert).set("ssl.key.pem", key);
+        if tls.client_cert_secret_name.is_some() {
+            config
+                .set("ssl.certificate.pem", get("TLS_CERT", "clientCertSecretName")?)
+                .set("ssl.key.pem", get("TLS_KEY", "clientCertSecretName")?);
         }
     }
     Ok(config)
 }
 
+/// The spec field to fix when librdkafka reports `error`: the credentials
+/// (a refused SASL login) or the TLS settings (a failed handshake, e.g. a
+/// broker certificate the CA does not sign); `None` for other errors.
+pub fn auth_field(error: &KafkaError, reason: &str) -> Option<&'static str> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match error.rdkafka_error_code() {
+        Some(Code::Authentication | Code::SaslAuthenticationFailed) => Some("auth.sasl.secretRef"),
+        Some(Code::SSL) => Some("auth.tls"),
+        _ => refusal_field(reason),
+    }
+}
+
+/// [`auth_field`] from librdkafka's text alone (an error reason or a log line).
+pub fn refusal_field(text: &str) -> Option<&'static str> {
+    if text.contains("SASL authentication error") || text.contains("SASL authentication failed") {
+        Some("auth.sasl.secretRef")
+    } else if text.contains("SSL handshake failed") || text.contains("certificate verify failed") {
+        Some("auth.tls")
+    } else {
+        None
+    }
+}
+
 /// Rebalance callbacks turned into source events, and the current assignment.
 pub struct GroupContext {
     topic: String,
+    /// `bootstrap.servers`, for log lines.
+    brokers: String,
     pending: Mutex<VecDeque<SourceEvent>>,
     assigned: Mutex<BTreeSet<i32>>,
     /// False after a consumer or client error until a message arrives or a
@@ -152,7 +186,14 @@ impl GroupContext {
 impl ClientContext for GroupContext {
     fn error(&self, error: KafkaError, reason: &str) {
         self.reachable.store(false, Ordering::Relaxed);
-        tracing::warn!(topic = %self.topic, %error, reason, "Kafka consumer client error; librdkafka keeps reconnecting");
+        if let Some(field) = auth_field(&error, reason) {
+            // librdkafka retries for ever (the Secret may be fixed meanwhile);
+            // /readyz stays false until a message or metadata answer comes.
+            tracing::error!(topic = %self.topic, brokers = %self.brokers, field = %format!("spec.source.kafka.{field}"), %error, reason,
+                "Kafka refused the connection: check spec.source.kafka.{field} and the Secret it names; retrying");
+        } else {
+            tracing::warn!(topic = %self.topic, brokers = %self.brokers, %error, reason, "Kafka consumer client error; librdkafka keeps reconnecting");
+        }
     }
 }
 
@@ -250,6 +291,7 @@ impl KafkaSource {
         }
         let context = GroupContext {
             topic: spec.topic.clone(),
+            brokers: spec.brokers.join(","),
             pending: Mutex::default(),
             assigned: Mutex::default(),
             reachable: Arc::new(AtomicBool::new(true)),
@@ -509,5 +551,38 @@ mod tests {
         assert_eq!(c.get("sasl.username"), Some("v-SLUICE_SECRET_SINK_SASL_USERNAME"));
         assert_eq!(c.get("security.protocol"), Some("sasl_plaintext"));
         assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+    }
+
+    #[test]
+    fn a_named_ca_must_be_there() {
+        let auth = KafkaAuth {
+            sasl: None,
+            tls: Some(sluice_crds::Tls {
+                ca_secret_ref: Some(sluice_crds::SecretKeyRef { name: "ca".into(), key: "ca.crt".into() }),
+                client_cert_secret_name: None,
+            }),
+        };
+        let brokers = vec!["k:9093".to_string()];
+        let err =
+            client_config(&brokers, Some(&auth), "SOURCE", "spec.source.kafka", &|_| None).err().unwrap_or_default();
+        assert!(
+            err.contains("spec.source.kafka.auth.tls.caSecretRef") && err.contains("SLUICE_SECRET_SOURCE_TLS_CA"),
+            "{err}"
+        );
+        let c = client_config(&brokers, Some(&auth), "SOURCE", "spec.source.kafka", &|k| Some(format!("pem-{k}")))
+            .expect("config");
+        assert_eq!(c.get("security.protocol"), Some("ssl"));
+        assert_eq!(c.get("ssl.ca.pem"), Some("pem-SLUICE_SECRET_SOURCE_TLS_CA"));
+    }
+
+    #[test]
+    fn refusals_name_the_field_to_fix() {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let sasl = "sasl_ssl://k:9093/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512";
+        assert_eq!(auth_field(&KafkaError::Global(Code::Authentication), sasl), Some("auth.sasl.secretRef"));
+        let tls =
+            "ssl://k:9093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed";
+        assert_eq!(auth_field(&KafkaError::Global(Code::BrokerTransportFailure), tls), Some("auth.tls"));
+        assert_eq!(auth_field(&KafkaError::Global(Code::AllBrokersDown), "1/1 brokers are down"), None);
     }
 }

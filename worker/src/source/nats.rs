@@ -41,7 +41,9 @@ pub const HEADER_NATS_SEQ: &str = "nats-seq";
 pub const HEADER_KEY: &str = "Sluice-Key";
 const IDLE_TICK: Duration = Duration::from_millis(250);
 
-/// Connect options with the credentials from `SLUICE_SECRET_<place>_NATS_*`.
+/// Connect options with the credentials from `SLUICE_SECRET_<place>_NATS_*`
+/// and TLS from `SLUICE_SECRET_<place>_TLS_*` (the names
+/// `sluice_crds::secrets::secret_envs` gives them).
 pub fn connect_options(
     auth: Option<&NatsAuth>,
     place: &str,
@@ -63,11 +65,132 @@ pub fn connect_options(
         }
         _ => ConnectOptions::new(),
     };
+    let options = match auth.and_then(|a| a.tls.as_ref()) {
+        Some(tls) => {
+            let ca = match &tls.ca_secret_ref {
+                Some(_) => Some(get("TLS_CA")?),
+                None => None,
+            };
+            let client = match &tls.client_cert_secret_name {
+                Some(_) => Some((get("TLS_CERT")?, get("TLS_KEY")?)),
+                None => None,
+            };
+            let config = tls_client_config(
+                ca.as_deref(),
+                client.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
+                &format!("{field}.auth.tls"),
+            )?;
+            let options = options.require_tls(true);
+            match config {
+                Some(config) => options.tls_client_config(config),
+                None => options,
+            }
+        }
+        None => options,
+    };
     Ok(options
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(10)))
         .retry_on_initial_connect()
         .max_reconnects(None))
+}
+
+/// A rustls configuration trusting `ca_pem` (PEM, one or more certificates)
+/// and presenting `client` (certificate chain and key, PEM) when given.
+/// `None` without a CA: async-nats then trusts the system roots. A client
+/// certificate needs the CA too (async-nats reads the system roots only
+/// when it builds the configuration itself). `field` names the spec field in
+/// errors.
+pub fn tls_client_config(
+    ca_pem: Option<&str>,
+    client: Option<(&str, &str)>,
+    field: &str,
+) -> Result<Option<async_nats::rustls::ClientConfig>, String> {
+    use async_nats::rustls::{
+        ClientConfig, RootCertStore,
+        pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    };
+    let Some(ca_pem) = ca_pem else {
+        return match client {
+            Some(_) => Err(format!(
+                "{field}.clientCertSecretName: a NATS client certificate needs {field}.caSecretRef as well"
+            )),
+            None => Ok(None),
+        };
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("{field}.caSecretRef: not a PEM certificate: {e}"))?;
+        roots.add(cert).map_err(|e| format!("{field}.caSecretRef: not a usable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{field}.caSecretRef: the Secret's value holds no PEM certificate"));
+    }
+    let builder = ClientConfig::builder().with_root_certificates(roots);
+    let config = match client {
+        Some((cert_pem, key_pem)) => {
+            let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{field}.clientCertSecretName: tls.crt is not a PEM certificate: {e}"))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                .map_err(|e| format!("{field}.clientCertSecretName: tls.key is not a PEM private key: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("{field}.clientCertSecretName: the certificate and key do not go together: {e}"))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Some(config))
+}
+
+/// Logs the connection's troubles once per attempt, naming the spec field
+/// to fix: async-nats retries a refused login or a failed TLS handshake
+/// for ever (the Secret may be fixed meanwhile), and says nothing unless
+/// asked. `down` (the source's readiness flag) turns false on each.
+pub fn log_connection_events(
+    options: ConnectOptions,
+    field: &'static str,
+    servers: &[String],
+    down: Option<Arc<AtomicBool>>,
+) -> ConnectOptions {
+    let servers = servers.join(",");
+    options.event_callback(move |event| {
+        let (servers, down) = (servers.clone(), down.clone());
+        async move {
+            let detail = match &event {
+                async_nats::Event::ClientError(async_nats::ClientError::Other(detail)) => detail.clone(),
+                async_nats::Event::ServerError(e) => e.to_string(),
+                async_nats::Event::Connected => {
+                    tracing::info!(%servers, "connected to NATS");
+                    return;
+                }
+                async_nats::Event::Disconnected => {
+                    tracing::warn!(%servers, "disconnected from NATS; reconnecting");
+                    return;
+                }
+                other => {
+                    tracing::debug!(%servers, event = %other, "NATS connection event");
+                    return;
+                }
+            };
+            if let Some(down) = &down {
+                down.store(false, Ordering::Relaxed);
+            }
+            let lower = detail.to_lowercase();
+            if lower.contains("authorization violation") || lower.contains("failed signing nonce") {
+                tracing::error!(field = %format!("{field}.auth"), %servers, error = %detail,
+                    "NATS refused the credentials: check the Secret that {field}.auth names; retrying");
+            } else if lower.contains("tls") {
+                tracing::error!(field = %format!("{field}.auth.tls"), %servers, error = %detail,
+                    "TLS with NATS failed: check that the servers speak TLS and that {field}.auth.tls.caSecretRef names the CA that signs their certificates; retrying");
+            } else {
+                // async-nats names only the kind here ("IO error"), and a
+                // certificate the CA does not sign is one too.
+                tracing::warn!(field = %format!("{field}.servers"), %servers, error = %detail,
+                    "cannot connect to NATS: check that {field}.servers are up and reachable (and, with {field}.auth.tls, the CA in caSecretRef); retrying");
+            }
+        }
+    })
 }
 
 fn to_message(m: &jetstream::Message, offset: i64) -> Message {
@@ -126,6 +249,8 @@ impl NatsSource {
     ) -> Result<Self, SourceError> {
         let options = connect_options(spec.auth.as_ref(), "SOURCE", "spec.source.nats", env)
             .map_err(|detail| SourceError::Config { field: "spec.source.nats.auth", detail })?;
+        let up = Arc::new(AtomicBool::new(true));
+        let options = log_connection_events(options, "spec.source.nats", &spec.servers, Some(up.clone()));
         let client = options.name("sluice-worker").connect(&spec.servers).await.map_err(|e| SourceError::Config {
             field: "spec.source.nats.servers",
             detail: format!("cannot connect to {}: {e}", spec.servers.join(",")),
@@ -159,7 +284,7 @@ impl NatsSource {
             inflight,
             acker,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
-            up: Arc::new(AtomicBool::new(true)),
+            up,
         })
     }
 
@@ -169,7 +294,11 @@ impl NatsSource {
         if self.messages.is_none() || self.batch != max {
             if self.consumer.is_none() {
                 let stream = self.js.get_stream(&self.stream_name).await.map_err(|e| {
-                    format!("spec.source.nats.stream: stream {}: {e} (create the stream first)", self.stream_name)
+                    if self.js.client().connection_state() == async_nats::connection::State::Connected {
+                        format!("spec.source.nats.stream: stream {}: {e} (create the stream first)", self.stream_name)
+                    } else {
+                        format!("not connected to NATS, so stream {} cannot be read: {e}", self.stream_name)
+                    }
                 })?;
                 let consumer = stream
                     .get_or_create_consumer(&self.durable, self.config.clone())
@@ -306,5 +435,20 @@ impl Acker for NatsAcker {
             }
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_errors_name_the_field() {
+        let field = "spec.source.nats.auth.tls";
+        assert!(tls_client_config(None, None, field).expect("system roots").is_none());
+        let err = tls_client_config(Some("not a certificate"), None, field).expect_err("no PEM");
+        assert!(err.contains("spec.source.nats.auth.tls.caSecretRef"), "{err}");
+        let err = tls_client_config(None, Some(("cert", "key")), field).expect_err("a client cert needs a CA");
+        assert!(err.contains("clientCertSecretName") && err.contains("caSecretRef"), "{err}");
     }
 }

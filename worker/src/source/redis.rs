@@ -157,6 +157,8 @@ type InFlight = Arc<Mutex<VecDeque<(i64, String)>>>;
 
 pub struct RedisSource {
     conn: ConnectionManager,
+    /// `spec.source.redis.url`, for log lines.
+    url: String,
     stream: String,
     group: String,
     consumer: String,
@@ -197,6 +199,7 @@ impl RedisSource {
         tracing::info!(stream = %spec.stream, group, consumer, "Redis Streams consumer configured");
         Ok(Self {
             conn,
+            url: redacted(&spec.url),
             stream: spec.stream.clone(),
             group: group.to_string(),
             consumer: consumer.to_string(),
@@ -359,11 +362,30 @@ impl RedisSource {
                         self.group_ready = false;
                     }
                     let delay = self.backoff.next_delay();
-                    tracing::warn!(stream = %self.stream, error = %e, ?delay, "Redis read failed; retrying");
+                    if is_auth_error(&e) {
+                        tracing::error!(stream = %self.stream, url = %self.url, field = "spec.source.redis.passwordSecretRef", error = %e, ?delay,
+                            "Redis refused the login: check spec.source.redis.passwordSecretRef and the Secret it names; retrying");
+                    } else {
+                        tracing::warn!(stream = %self.stream, url = %self.url, error = %e, ?delay, "Redis read failed; retrying");
+                    }
                     tokio::time::sleep(delay).await;
                 }
             }
         }
+    }
+}
+
+/// A refused login: a wrong password (WRONGPASS), none where one is required
+/// (NOAUTH), or an ACL user without the rights (NOPERM).
+pub fn is_auth_error(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::AuthenticationFailed || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+}
+
+/// `url` without a password, should one be in it anyway, for log lines.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &url[..scheme + 3], &url[at..]),
+        _ => url.to_string(),
     }
 }
 
