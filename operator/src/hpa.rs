@@ -144,7 +144,8 @@ pub fn scaled_object_target(so: &DynamicObject) -> Option<(String, String)> {
     let api_version = t.get("apiVersion").and_then(|v| v.as_str()).unwrap_or("apps/v1");
     let group = api_version.split_once('/').map(|(g, _)| g);
     let name = t.get("name")?.as_str()?;
-    (kind == KIND && group == Some(GROUP)).then(|| (so.metadata.namespace.clone().unwrap_or_default(), name.to_string()))
+    (kind == KIND && group == Some(GROUP))
+        .then(|| (so.metadata.namespace.clone().unwrap_or_default(), name.to_string()))
 }
 
 /// The ScaledObjects of `objects` that target `namespace/name`, sorted by name.
@@ -174,8 +175,7 @@ pub fn scaled_objects_targeting<'a>(
                 .and_then(|h| h.as_str())
                 .filter(|h| !h.is_empty())
                 .map_or_else(|| format!("keda-hpa-{so_name}"), str::to_string);
-            let age_seconds =
-                so.metadata.creation_timestamp.as_ref().map_or(0, |t| now.as_second() - t.0.as_second());
+            let age_seconds = so.metadata.creation_timestamp.as_ref().map_or(0, |t| now.as_second() - t.0.as_second());
             ScaledObjectView { namespace: namespace.to_string(), name: so_name, age_seconds, ready, hpa }
         })
         .collect();
@@ -389,7 +389,12 @@ mod tests {
         assert!(problems(false, &targeting(&[h], "shop", "orders")).is_empty());
     }
 
-    fn scaled_object(name: &str, target: serde_json::Value, age: i64, ready: Option<(&str, &str, &str)>) -> DynamicObject {
+    fn scaled_object(
+        name: &str,
+        target: serde_json::Value,
+        age: i64,
+        ready: Option<(&str, &str, &str)>,
+    ) -> DynamicObject {
         let created = k8s_openapi::jiff::Timestamp::from_second(1_000_000 - age).expect("time");
         let mut v = serde_json::json!({
             "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
@@ -418,7 +423,12 @@ mod tests {
             scaled_object("b", on_orders(), 5, None),
             scaled_object("a", on_orders(), 5, None),
             scaled_object("deploy", serde_json::json!({"name": "orders"}), 5, None),
-            scaled_object("other", serde_json::json!({"apiVersion": "sluice.io/v1alpha1", "kind": "StreamProcessor", "name": "payments"}), 5, None),
+            scaled_object(
+                "other",
+                serde_json::json!({"apiVersion": "sluice.io/v1alpha1", "kind": "StreamProcessor", "name": "payments"}),
+                5,
+                None,
+            ),
         ];
         let found = scaled_objects_targeting(&objects, "shop", "orders", now());
         assert_eq!(found.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["a", "b"]);
@@ -435,17 +445,35 @@ mod tests {
         let p = scaled_object_problems(false, &old, &[]);
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].reason, AUTOSCALER_FAILING);
-        assert!(p[0].message.contains("KEDA ScaledObject shop/so targets this StreamProcessor but KEDA has not acted on it in 45s"), "{}", p[0].message);
+        assert!(
+            p[0].message
+                .contains("KEDA ScaledObject shop/so targets this StreamProcessor but KEDA has not acted on it in 45s"),
+            "{}",
+            p[0].message
+        );
         assert!(p[0].message.contains("no HPA keda-hpa-so"), "{}", p[0].message);
         assert!(p[0].message.contains("kubectl get pods -n keda"), "{}", p[0].message);
     }
 
     #[test]
     fn a_scaled_object_keda_refuses_is_reported_in_kedas_words() {
-        let so = scaled_object("so", on_orders(), 5, Some(("False", "ScaledObjectCheckFailed", "StreamProcessor.sluice.io \"orders\" doesn't expose /scale subresource")));
+        let so = scaled_object(
+            "so",
+            on_orders(),
+            5,
+            Some((
+                "False",
+                "ScaledObjectCheckFailed",
+                "StreamProcessor.sluice.io \"orders\" doesn't expose /scale subresource",
+            )),
+        );
         let p = scaled_object_problems(false, &scaled_objects_targeting(&[so], "shop", "orders", now()), &[]);
         assert_eq!(p[0].reason, AUTOSCALER_FAILING);
-        assert!(p[0].message.contains("(Ready=False, ScaledObjectCheckFailed): StreamProcessor.sluice.io"), "{}", p[0].message);
+        assert!(
+            p[0].message.contains("(Ready=False, ScaledObjectCheckFailed): StreamProcessor.sluice.io"),
+            "{}",
+            p[0].message
+        );
     }
 
     #[test]
@@ -455,7 +483,9 @@ mod tests {
         let hpas = targeting(&[keda("orders-so", "orders")], "shop", "orders");
         assert!(scaled_object_problems(false, &views, &hpas).is_empty());
         let ok = scaled_object("so", on_orders(), 500, Some(("True", "ScaledObjectReady", "ok")));
-        assert!(scaled_object_problems(false, &scaled_objects_targeting(&[ok], "shop", "orders", now()), &[]).is_empty());
+        assert!(
+            scaled_object_problems(false, &scaled_objects_targeting(&[ok], "shop", "orders", now()), &[]).is_empty()
+        );
     }
 
     #[test]
