@@ -283,6 +283,11 @@ fn kafka_sasl_ssl_scram_and_plain_end_to_end_with_the_lag_probe() {
     // whole backlog (no commit yet, startFrom earliest).
     assert_probe_refused(&source, credentials("wrong"), sasl_field);
     assert_eq!(probe(&source, credentials("alice-secret")).expect("probe").total, N);
+    // No CA: the system roots do not sign the broker's certificate, and the
+    // error says where to look.
+    let untrusted = probe(&source, Credentials { ca_pem: None, ..credentials("alice-secret") })
+        .expect_err("a certificate from an unknown CA");
+    assert!(untrusted.to_string().contains("spec.source.kafka.auth.tls"), "{untrusted}");
 
     // A worker with a wrong source password: up, not ready, the field and
     // the brokers in its log.
