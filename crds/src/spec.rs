@@ -643,6 +643,20 @@ pub struct RedisSink {
     pub max_len: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
+    /// Write each output once even when its input is delivered again (after
+    /// a crash or a rebalance). Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedupe: Option<SinkDedupe>,
+}
+
+/// Deduplication in a sink: an entry whose id (its input's identity and a
+/// hash of its payload) was written within `window` is skipped.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SinkDedupe {
+    /// How long an id is remembered (a key with this expiry per entry in
+    /// Redis); longer than the longest redelivery you expect.
+    pub window: Duration,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -665,7 +679,8 @@ pub struct StdoutSink {
 // ----------------------------------------------------------- dead letter --
 
 /// Where unprocessable messages go (exactly one target), with the retry policy
-/// for transient errors before a message is given up on.
+/// for sink errors (`backoff` for every retry; `maxRetries` for records a
+/// sink refuses before they are given up on).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("[has(self.kafka), has(self.nats), has(self.redis), has(self.stdout)].filter(x, x).size() == 1")
     .message("set exactly one of deadLetter.kafka, deadLetter.nats, deadLetter.redis, deadLetter.stdout"))]
@@ -679,7 +694,7 @@ pub struct DeadLetter {
     pub redis: Option<RedisSink>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdout: Option<StdoutSink>,
-    /// Attempts after the first for a transient error.
+    /// Attempts after the first for a record the sink refuses for what it is (too large, invalid); then it is dead-lettered with reason sink_rejected. An unreachable broker is retried without limit instead (backpressure), never a reason to dead-letter.
     #[serde(default = "default_max_retries")]
     #[schemars(range(min = 0, max = 100))]
     pub max_retries: i32,

@@ -65,9 +65,13 @@ pub struct KafkaSink {
 /// Exactly-once (Kafka to Kafka): one transactional producer shared by the
 /// sink (which produces into the open transaction) and the source's acker
 /// (which adds the consumed offsets with `send_offsets_to_transaction` and
-/// commits). `transactional.id` is stable across restarts (group and pod
-/// name), so a restarted pod's `init_transactions` fences its predecessor
-/// and aborts the transaction it left open.
+/// commits). `transactional.id` is `sluice-<group>-<pod>`: a restarted
+/// container (same pod) runs `init_transactions` under the same id, which
+/// fences its predecessor and aborts the transaction it left open; a pod
+/// replaced under a new name leaves that to the transaction timeout. Zombie
+/// fencing across rebalances does not rest on the id: the offsets carry the
+/// group's metadata (KIP-447), and a producer whose consumer generation is
+/// stale cannot commit them.
 ///
 /// ```text
 /// sink.write: begin (if none open) ─ produce ─ await reports ─ note max source offset per partition
