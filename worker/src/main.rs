@@ -248,7 +248,15 @@ async fn run(
     let snapshots = match spec.state.as_ref() {
         Some(s) if s.backend == sluice_crds::StateBackend::Redis => {
             let url = s.redis.as_ref().map(|r| r.url.clone()).unwrap_or_default();
-            let store: Arc<dyn StateStore> = Arc::new(RedisStore::connect(&url).await?);
+            // The password from spec.state.redis.passwordSecretRef (the operator
+            // puts the Secret's key in this variable).
+            let client = sluice_worker::source::redis::client(
+                &url,
+                "SLUICE_SECRET_STATE_REDIS_PASSWORD",
+                "spec.state.redis",
+                &env,
+            )?;
+            let store: Arc<dyn StateStore> = Arc::new(RedisStore::with_client(client).await?);
             Some(Snapshots {
                 store,
                 keys: StateKeys::new(cfg.processor.clone()),

@@ -15,10 +15,14 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    /// Connect to `url` (`redis://host:port[/db]`); a password, if any, is
-    /// put into the URL by the caller from the referenced Secret.
+    /// Connect to `url` (`redis://host:port[/db]`, no password).
     pub async fn connect(url: &str) -> Result<Self, StateError> {
-        let client = redis::Client::open(url)?;
+        Self::with_client(redis::Client::open(url)?).await
+    }
+
+    /// Connect with a client built elsewhere (the worker's, which adds the
+    /// password from `spec.state.redis.passwordSecretRef`).
+    pub async fn with_client(client: redis::Client) -> Result<Self, StateError> {
         let conn = ConnectionManager::new(client).await?;
         Ok(Self { conn })
     }
