@@ -32,8 +32,11 @@ async fn a_backlog_scales_to_the_partition_cap_and_back() {
     restricted_namespace(&client, NS).await;
 
     // Kafka on this machine's own address, so the worker pods reach it too.
-    let kafka = Kafka::start_with(KafkaConfig { host: cluster.host_ip().unwrap_or_else(|e| panic!("{e}")), ..KafkaConfig::default() })
-        .unwrap_or_else(|e| panic!("{e}"));
+    let kafka = Kafka::start_with(KafkaConfig {
+        host: cluster.host_ip().unwrap_or_else(|e| panic!("{e}")),
+        ..KafkaConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     kafka.create_topic("orders", 12).expect("create orders");
     kafka.create_topic("orders-out", 12).expect("create orders-out");
 
