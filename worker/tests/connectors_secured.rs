@@ -299,6 +299,19 @@ fn kafka_sasl_ssl_scram_and_plain_end_to_end_with_the_lag_probe() {
     eprintln!("wrong Kafka password: {line}");
     drop(refused);
 
+    // A CA that did not sign the broker's certificate (a public root): the
+    // worker names the TLS settings instead.
+    let bundle = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt")
+        .expect("the system CA bundle (apt-get install -y ca-certificates)");
+    let end = "-----END CERTIFICATE-----";
+    let foreign_ca = &bundle[..bundle.find(end).expect("a PEM certificate in the bundle") + end.len()];
+    let mut untrusted = good.clone();
+    untrusted.insert(("kafka-ca".into(), "ca.crt".into()), foreign_ca.to_string());
+    let mut untrusting = Worker::start(dir.path(), "kafka-foreign-ca", &spec, &untrusted);
+    let line = untrusting.assert_refused(&["spec.source.kafka.auth.tls", &secure]);
+    eprintln!("foreign Kafka CA: {line}");
+    drop(untrusting);
+
     let mut worker = Worker::start(dir.path(), "kafka", &spec, &good);
     let deadline = Instant::now() + STREAM_DEADLINE;
     let mut seen = HashSet::new();

@@ -190,7 +190,7 @@ impl ClientContext for GroupContext {
             // librdkafka retries for ever (the Secret may be fixed meanwhile);
             // /readyz stays false until a message or metadata answer comes.
             tracing::error!(topic = %self.topic, brokers = %self.brokers, field = %format!("spec.source.kafka.{field}"), %error, reason,
-                "Kafka refused the connection: check spec.source.kafka.{field} and the Secret it names; retrying");
+                "Kafka login or TLS handshake failed: check spec.source.kafka.{field} and the Secret it names; retrying");
         } else {
             tracing::warn!(topic = %self.topic, brokers = %self.brokers, %error, reason, "Kafka consumer client error; librdkafka keeps reconnecting");
         }
