@@ -149,6 +149,11 @@ async fn source(
     }))
 }
 
+/// Kubernetes sets this in every container.
+fn in_a_pod() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
+
 fn sink_for(path: &str, format: StdoutFormat, stderr: bool) -> Box<dyn Sink> {
     match (path, stderr) {
         ("-", false) => Box::new(StdoutSink::new(format)),
@@ -328,6 +333,13 @@ async fn run(
             return Ok(ExitCode::from(1));
         }
     };
+    // A finite input (a generator with `count`, a file) that ended in a pod:
+    // an exiting worker would be started again by its Deployment and replay
+    // it, so it stays, serving /metrics and /readyz, until it is stopped.
+    if result.is_ok() && !shutdown.is_cancelled() && output.is_none() && in_a_pod() {
+        tracing::info!("input ended and every result is out; idling until stopped");
+        shutdown.cancelled().await;
+    }
     http_stop.cancel();
     // Stop the singleton tasks and release the Lease (bounded: it must not
     // hold up the exit).
