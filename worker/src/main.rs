@@ -149,9 +149,10 @@ async fn source(
     }))
 }
 
-/// Kubernetes sets this in every container.
+/// Run by the operator: Kubernetes sets KUBERNETES_SERVICE_HOST in every
+/// container, the operator's pod template sets POD_NAME.
 fn in_a_pod() -> bool {
-    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() && std::env::var_os("POD_NAME").is_some()
 }
 
 fn sink_for(path: &str, format: StdoutFormat, stderr: bool) -> Box<dyn Sink> {
