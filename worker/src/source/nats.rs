@@ -158,8 +158,18 @@ pub fn log_connection_events(
         let (servers, down) = (servers.clone(), down.clone());
         async move {
             let detail = match &event {
+                // A failed connection attempt (the kind only: "authorization
+                // violation", "TLS error", "IO error", ...).
                 async_nats::Event::ClientError(async_nats::ClientError::Other(detail)) => detail.clone(),
-                async_nats::Event::ServerError(e) => e.to_string(),
+                async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+                    "authorization violation".to_string()
+                }
+                async_nats::Event::ServerError(async_nats::ServerError::Other(e)) => {
+                    // E.g. a permissions violation on one subject: the
+                    // connection itself is fine.
+                    tracing::warn!(field = %format!("{field}.auth"), %servers, error = %e, "the NATS server reports an error");
+                    return;
+                }
                 async_nats::Event::Connected => {
                     tracing::info!(%servers, "connected to NATS");
                     return;
