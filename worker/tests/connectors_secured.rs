@@ -115,7 +115,10 @@ impl Worker {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(&self.http).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(stream, "GET /readyz HTTP/1.0\r\nHost: {}\r\n\r\n", self.http).ok()?;
+        // One write: the worker answers after its first read and closes,
+        // so a request in pieces can meet a reset.
+        let request = format!("GET /readyz HTTP/1.0\r\nHost: {}\r\n\r\n", self.http);
+        stream.write_all(request.as_bytes()).ok()?;
         let mut response = String::new();
         stream.read_to_string(&mut response).ok()?;
         response.split_whitespace().nth(1)?.parse().ok()
