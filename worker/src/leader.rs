@@ -180,33 +180,29 @@ pub struct TopicPlan {
 }
 
 /// The Kafka topics of `spec` the leader provisions: the sink's and the
-/// dead-letter sink's (brokers default to the source's, as in the sinks).
+/// dead-letter sink's, on the cluster and with the login each sink uses
+/// (`sink::kafka::endpoint`: the source's when it names no brokers).
 pub fn kafka_topics(spec: &StreamProcessorSpec) -> Vec<TopicPlan> {
     let source = spec.source.kafka.as_ref();
     let source_ref = source.map(|k| (k.brokers.clone(), k.topic.clone(), k.auth.clone()));
-    let plan = |brokers: Option<&Vec<String>>,
-                auth: Option<&KafkaAuth>,
-                topic: &str,
-                partitions_of_source: bool,
-                place,
-                field| {
-        let brokers = brokers.cloned().or_else(|| source.map(|k| k.brokers.clone()))?;
+    let plan = |k: &sluice_crds::KafkaSink, partitions_of_source: bool, place, field| {
+        let at = crate::sink::kafka::endpoint(k, source, place, field).ok()?;
         Some(TopicPlan {
-            brokers,
-            auth: auth.cloned(),
-            topic: topic.to_string(),
+            brokers: at.brokers,
+            auth: at.auth,
+            topic: k.topic.clone(),
             partitions: if partitions_of_source && source.is_some() { 0 } else { 1 },
             source: if partitions_of_source { source_ref.clone() } else { None },
-            place,
+            place: at.place,
             field,
         })
     };
     let mut out = Vec::new();
     if let Some(k) = &spec.sink.kafka {
-        out.extend(plan(k.brokers.as_ref(), k.auth.as_ref(), &k.topic, true, "SINK", "spec.sink.kafka"));
+        out.extend(plan(k, true, "SINK", "spec.sink.kafka"));
     }
     if let Some(k) = spec.dead_letter.as_ref().and_then(|d| d.kafka.as_ref()) {
-        out.extend(plan(k.brokers.as_ref(), k.auth.as_ref(), &k.topic, false, "DEADLETTER", "spec.deadLetter.kafka"));
+        out.extend(plan(k, false, "DEADLETTER", "spec.deadLetter.kafka"));
     }
     out
 }

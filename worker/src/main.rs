@@ -177,14 +177,14 @@ async fn run(
         (sluice_crds::Delivery::ExactlyOnce, Some(src), Some(snk), None) => {
             let group = src.group.clone().unwrap_or_else(|| cfg.processor.replace('/', "."));
             let id = format!("sluice-{group}-{}", pod_name().unwrap_or_else(|_| "worker".into()));
-            Some(Transaction::new(snk, Some(&src.brokers), &id, &|v| std::env::var(v).ok())?)
+            Some(Transaction::new(snk, Some(src), &id, &|v| std::env::var(v).ok())?)
         }
         _ => None,
     };
     let source = source(spec, &cfg.processor, input, txn.clone()).await?;
     let source_up = source.reachability().unwrap_or_else(|| Arc::new(AtomicBool::new(true)));
     let env = |v: &str| std::env::var(v).ok();
-    let source_brokers = spec.source.kafka.as_ref().map(|k| k.brokers.as_slice());
+    let kafka_source = spec.source.kafka.as_ref();
     let format = spec.sink.stdout.as_ref().map_or(StdoutFormat::Json, |s| s.format);
     let sink: Box<dyn Sink> = match (&output, &spec.sink.stdout) {
         (Some(path), _) => sink_for(path, format, false),
@@ -193,7 +193,7 @@ async fn run(
             let k = spec.sink.kafka.as_ref().ok_or("sink.kafka")?;
             Box::new(match &txn {
                 Some(txn) => KafkaSink::transactional(k, txn.clone())?,
-                None => KafkaSink::new(k, source_brokers, "SINK", "spec.sink.kafka", &env)?,
+                None => KafkaSink::new(k, kafka_source, "SINK", "spec.sink.kafka", &env)?,
             })
         }
         (None, None) if spec.sink.redis.is_some() => {
@@ -220,7 +220,7 @@ async fn run(
         })),
         (None, None) => match spec.dead_letter.as_ref().and_then(|d| d.kafka.as_ref()) {
             Some(k) => Box::new(
-                KafkaSink::new(k, source_brokers, "DEADLETTER", "spec.deadLetter.kafka", &env)?
+                KafkaSink::new(k, kafka_source, "DEADLETTER", "spec.deadLetter.kafka", &env)?
                     .with_header(sluice_worker::deadletter::HEADER_SOURCE, source_name(spec)),
             ),
             None => match spec.dead_letter.as_ref().and_then(|d| d.redis.as_ref()) {

@@ -25,7 +25,7 @@ use rdkafka::{
     producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer},
 };
 use serde_json::Value;
-use sluice_crds::{Compression, KafkaSink as KafkaSinkSpec};
+use sluice_crds::{Compression, KafkaAuth, KafkaSink as KafkaSinkSpec, KafkaSource as KafkaSourceSpec};
 
 use super::{Rejection, Sink, SinkError};
 use crate::{expr::Expression, message::Message, source::kafka::client_config};
@@ -105,13 +105,13 @@ impl Transaction {
     /// (which fences an older producer with the same id).
     pub fn new(
         spec: &KafkaSinkSpec,
-        default_brokers: Option<&[String]>,
+        source: Option<&KafkaSourceSpec>,
         transactional_id: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Arc<Self>, SinkError> {
         let field = "spec.sink.kafka";
-        let brokers = brokers(spec, default_brokers, field)?;
-        let mut config = client_config(&brokers, spec.auth.as_ref(), "SINK", field, env)
+        let at = endpoint(spec, source, "SINK", field)?;
+        let mut config = client_config(&at.brokers, at.auth.as_ref(), at.place, field, env)
             .map_err(|detail| SinkError::Config { field, detail })?;
         for (k, v) in &spec.properties {
             config.set(k, v);
@@ -225,17 +225,18 @@ impl Transaction {
 
 impl KafkaSink {
     /// `place`: `SINK` or `DEADLETTER` (which secrets to read); `field`: the
-    /// spec field for errors; `default_brokers`: the source's brokers, used
-    /// when the sink names none.
+    /// spec field for errors; `source`: the Kafka source, whose cluster and
+    /// login the sink uses when it names no brokers ([`endpoint`]).
     pub fn new(
         spec: &KafkaSinkSpec,
-        default_brokers: Option<&[String]>,
-        place: &str,
+        source: Option<&KafkaSourceSpec>,
+        place: &'static str,
         field: &'static str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, SinkError> {
-        let brokers = brokers(spec, default_brokers, field)?;
-        let mut config = client_config(&brokers, spec.auth.as_ref(), place, field, env)
+        let at = endpoint(spec, source, place, field)?;
+        let brokers = at.brokers.clone();
+        let mut config = client_config(&at.brokers, at.auth.as_ref(), at.place, field, env)
             .map_err(|detail| SinkError::Config { field, detail })?;
         for (k, v) in &spec.properties {
             config.set(k, v);
@@ -374,14 +375,30 @@ impl KafkaSink {
     }
 }
 
-fn brokers(
+/// Where a Kafka sink connects and with whose credentials: its own brokers
+/// and `auth`; or, naming no brokers, the source's cluster, with the
+/// source's `auth` unless it has its own (the same cluster takes the same
+/// login; the source's Secrets reach the worker as `SLUICE_SECRET_SOURCE_*`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoint {
+    pub brokers: Vec<String>,
+    pub auth: Option<KafkaAuth>,
+    /// Whose secret variables `auth` reads: `SOURCE`, `SINK` or `DEADLETTER`.
+    pub place: &'static str,
+}
+
+pub fn endpoint(
     spec: &KafkaSinkSpec,
-    default_brokers: Option<&[String]>,
+    source: Option<&KafkaSourceSpec>,
+    place: &'static str,
     field: &'static str,
-) -> Result<Vec<String>, SinkError> {
-    match (&spec.brokers, default_brokers) {
-        (Some(b), _) if !b.is_empty() => Ok(b.clone()),
-        (_, Some(b)) => Ok(b.to_vec()),
+) -> Result<Endpoint, SinkError> {
+    match (&spec.brokers, source) {
+        (Some(b), _) if !b.is_empty() => Ok(Endpoint { brokers: b.clone(), auth: spec.auth.clone(), place }),
+        (_, Some(src)) => Ok(match &spec.auth {
+            Some(auth) => Endpoint { brokers: src.brokers.clone(), auth: Some(auth.clone()), place },
+            None => Endpoint { brokers: src.brokers.clone(), auth: src.auth.clone(), place: "SOURCE" },
+        }),
         _ => Err(SinkError::Config {
             field,
             detail: "no brokers: set brokers (required unless the source is Kafka)".into(),
@@ -458,6 +475,41 @@ impl Drop for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn source(auth: bool) -> KafkaSourceSpec {
+        let mut v = serde_json::json!({"brokers": ["src:9093"], "topic": "in"});
+        if auth {
+            v["auth"] = serde_json::json!({"sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "src-user"}}});
+        }
+        serde_json::from_value(v).expect("source")
+    }
+
+    fn sink(v: serde_json::Value) -> KafkaSinkSpec {
+        serde_json::from_value(v).expect("sink")
+    }
+
+    #[test]
+    fn a_sink_without_brokers_uses_the_source_cluster_and_its_login() {
+        let at = endpoint(&sink(serde_json::json!({"topic": "out"})), Some(&source(true)), "SINK", "spec.sink.kafka")
+            .expect("endpoint");
+        assert_eq!(at.brokers, vec!["src:9093".to_string()]);
+        assert_eq!(at.auth, source(true).auth);
+        assert_eq!(at.place, "SOURCE", "the source's Secrets, as the operator passes them");
+    }
+
+    #[test]
+    fn a_sink_with_its_own_login_or_brokers_keeps_them() {
+        let own_auth = serde_json::json!({"topic": "out",
+            "auth": {"sasl": {"mechanism": "PLAIN", "secretRef": {"name": "sink-user"}}}});
+        let at = endpoint(&sink(own_auth.clone()), Some(&source(true)), "SINK", "spec.sink.kafka").expect("endpoint");
+        assert_eq!((at.brokers[0].as_str(), at.place), ("src:9093", "SINK"));
+        assert_eq!(at.auth, sink(own_auth).auth);
+        let own_brokers = sink(serde_json::json!({"topic": "out", "brokers": ["other:9092"]}));
+        let at = endpoint(&own_brokers, Some(&source(true)), "DEADLETTER", "spec.deadLetter.kafka").expect("endpoint");
+        assert_eq!((at.brokers[0].as_str(), at.auth.is_none(), at.place), ("other:9092", true, "DEADLETTER"));
+        let err = endpoint(&sink(serde_json::json!({"topic": "out"})), None, "SINK", "spec.sink.kafka").unwrap_err();
+        assert!(err.to_string().starts_with("spec.sink.kafka: no brokers"), "{err}");
+    }
 
     #[test]
     fn delivery_settings_are_fixed() {
