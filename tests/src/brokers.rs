@@ -234,11 +234,18 @@ impl Redis {
         let dir = temp_dir(SERVER)?;
         let [port] = free_ports::<1>(SERVER)?;
         let mut command = Command::new(binary);
-        // Address, port and dir last: they are the harness's, not overridable.
-        for (key, value) in &config.directives {
+        // Port and dir last: they are the harness's, not overridable. The
+        // address is 127.0.0.1 unless a `bind` directive adds others (pods
+        // of the local cluster reach this host at its host address).
+        for (key, value) in config.directives.iter().filter(|(k, _)| k.as_str() != "bind") {
             command.arg(format!("--{key}")).arg(value);
         }
-        command.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--logfile", "", "--dir"]).arg(dir.path());
+        let bind = match config.directives.get("bind") {
+            Some(extra) if !extra.split_whitespace().any(|a| a == "127.0.0.1") => format!("127.0.0.1 {extra}"),
+            Some(extra) => extra.clone(),
+            None => "127.0.0.1".into(),
+        };
+        command.args(["--bind", &bind, "--port", &port.to_string(), "--logfile", "", "--dir"]).arg(dir.path());
         let mut redis = Redis {
             process: ServerProcess::new(SERVER, command, dir.path().join("redis.log")),
             port,

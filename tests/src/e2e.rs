@@ -75,7 +75,10 @@ pub async fn start_local_cluster() -> Cluster {
 pub async fn start_cluster() -> E2eCluster {
     match std::env::var_os(sluice_dev::e2e::KUBECONFIG_ENV) {
         Some(path) if !path.is_empty() => {
-            eprintln!("e2e against the cluster of {} (image {IMAGE} must be loaded there)", PathBuf::from(&path).display());
+            eprintln!(
+                "e2e against the cluster of {} (image {IMAGE} must be loaded there)",
+                PathBuf::from(&path).display()
+            );
             E2eCluster::External { kubeconfig: PathBuf::from(path) }
         }
         _ => E2eCluster::Local(Box::new(start_local_cluster().await)),
@@ -248,13 +251,22 @@ pub struct InProcessOperator {
 
 impl InProcessOperator {
     pub fn start(client: &Client, namespace: &str) -> Self {
+        Self::start_in(client, Some(namespace))
+    }
+
+    /// Watching every namespace, as the chart's default install does.
+    pub fn start_cluster_wide(client: &Client) -> Self {
+        Self::start_in(client, None)
+    }
+
+    fn start_in(client: &Client, namespace: Option<&str>) -> Self {
         use sluice_operator::{build::Settings, controller, metrics::Metrics, probe::BrokerProbe};
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let settings =
             Settings { worker_image: IMAGE.into(), image_pull_policy: "Never".into(), termination_grace_seconds: 10 };
         let task = tokio::spawn(controller::run(
             client.clone(),
-            Some(namespace.into()),
+            namespace.map(str::to_string),
             settings,
             Metrics::new(),
             std::sync::Arc::new(BrokerProbe::default()),
