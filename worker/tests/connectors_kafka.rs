@@ -8,9 +8,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -21,66 +19,18 @@ const KEYS: u64 = 64;
 /// Deadline for a whole stream to arrive; generous for two shared cores.
 const STREAM_DEADLINE: Duration = Duration::from_secs(300);
 
-/// A `sluice-worker run` child process; killed (SIGKILL) when dropped, so a
-/// failing test leaves nothing running.
-struct Worker {
-    child: Child,
-    log: PathBuf,
-}
+mod common;
+use common::process::WorkerProcess as Worker;
 
 impl Worker {
-    fn start(spec: &Path, log: PathBuf) -> Worker {
+    /// A worker as pod `connectors-test`.
+    fn start_kafka(spec: &Path, log: PathBuf) -> Worker {
         Worker::start_as(spec, log, "connectors-test")
     }
 
     /// A worker with its own pod name (client id), as each pod of a Deployment has.
     fn start_as(spec: &Path, log: PathBuf, pod: &str) -> Worker {
-        let out = File::options().create(true).append(true).open(&log).expect("worker log file");
-        let err = out.try_clone().expect("worker log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
-            .arg("run")
-            .arg(spec)
-            .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
-            .env("LOG_LEVEL", "info,rdkafka=warn")
-            .env("POD_NAME", pod)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn sluice-worker");
-        Worker { child, log }
-    }
-
-    /// SIGKILL, as a node failure would.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, as a scale-down does: the worker drains, commits and leaves
-    /// its group; waits for it to exit.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill -TERM");
-        assert!(status.success(), "kill -TERM failed");
-        self.child.wait().expect("wait for the worker")
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(6000);
-        text.get(start..).unwrap_or_default().to_string()
-    }
-
-    fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("sluice-worker exited with {status}; its log:\n{}", self.log_tail());
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.kill9();
+        Worker::start(spec, log, pod, &[("LOG_LEVEL", "info,rdkafka=warn")])
     }
 }
 
@@ -200,7 +150,7 @@ fn hundred_thousand_messages_end_to_end_in_key_order() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&kafka, "in", "out", "dlq", "e2e"));
-    let mut worker = Worker::start(&spec, dir.path().join("worker.log"));
+    let mut worker = Worker::start_kafka(&spec, dir.path().join("worker.log"));
     let records = wait_for_ids(&kafka, "out", N as usize, &mut worker);
     let duplicates = check_output(&records, N);
     eprintln!("end to end: {N} in, {} out, {duplicates} duplicates", records.len());
@@ -224,12 +174,12 @@ fn kill_9_mid_stream_then_restart_delivers_everything() {
                 kafka.produce("in", chunk.iter().cloned()).expect("produce");
             }
         });
-        let mut first = Worker::start(&spec, dir.path().join("worker-1.log"));
+        let mut first = Worker::start_kafka(&spec, dir.path().join("worker-1.log"));
         let before = wait_for_ids(&kafka, "out", 20_000, &mut first);
         first.kill9();
         let at_kill =
             ids(&kafka.read_topic("out", "read_uncommitted", Duration::from_secs(3), |_| false).expect("read"));
-        let mut second = Worker::start(&spec, dir.path().join("worker-2.log"));
+        let mut second = Worker::start_kafka(&spec, dir.path().join("worker-2.log"));
         let records = wait_for_ids(&kafka, "out", N as usize, &mut second);
         producer.join().expect("producer thread");
         let duplicates = check_output(&records, N);
@@ -324,7 +274,7 @@ fn poison_messages_go_to_the_dead_letter_topic_with_headers() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&kafka, "in", "out", "dlq", "poison"));
-    let mut worker = Worker::start(&spec, dir.path().join("worker.log"));
+    let mut worker = Worker::start_kafka(&spec, dir.path().join("worker.log"));
     let out = wait_for_ids(&kafka, "out", 1000, &mut worker);
     let dead =
         kafka.read_topic("dlq", "read_uncommitted", STREAM_DEADLINE, |r| r.len() >= 20).expect("read dead letters");
@@ -401,7 +351,7 @@ fn records_the_broker_refuses_are_dead_lettered_and_the_rest_flows() {
     s["sink"]["kafka"]["properties"] = json!({"message.max.bytes": "200000", "batch.size": "50000"});
     s["deadLetter"]["maxRetries"] = json!(1);
     let spec = write_spec(dir.path(), &s);
-    let mut worker = Worker::start(&spec, dir.path().join("worker.log"));
+    let mut worker = Worker::start_kafka(&spec, dir.path().join("worker.log"));
     let refused: HashSet<u64> = (0..N).filter(|id| big(*id).is_some()).collect();
     let out = wait_for_ids(&kafka, "out", (N as usize) - refused.len(), &mut worker);
     let dead = kafka
@@ -442,7 +392,7 @@ fn broker_restart_mid_stream_recovers_by_itself() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&kafka, "in", "out", "dlq", "restart"));
-    let mut worker = Worker::start(&spec, dir.path().join("worker.log"));
+    let mut worker = Worker::start_kafka(&spec, dir.path().join("worker.log"));
     let before = wait_for_ids(&kafka, "out", 10_000, &mut worker);
     kafka.restart().expect("broker restart");
     eprintln!("broker restarted after {} ids were out", ids(&before).len());
@@ -473,7 +423,7 @@ fn exactly_once_kill_9_mid_transaction_read_committed_sees_each_input_once() {
         });
         // The same POD_NAME, so the same transactional.id: the restarted
         // worker fences the killed one and aborts its open transaction.
-        let mut first = Worker::start(&spec, dir.path().join("worker-1.log"));
+        let mut first = Worker::start_kafka(&spec, dir.path().join("worker-1.log"));
         wait_for_ids_in(&kafka, "out", "read_committed", 10_000, &mut first);
         // Kill while a transaction holds records that read_committed does not see yet.
         let deadline = std::time::Instant::now() + STREAM_DEADLINE;
@@ -489,7 +439,7 @@ fn exactly_once_kill_9_mid_transaction_read_committed_sees_each_input_once() {
             }
             assert!(std::time::Instant::now() < deadline, "never saw an open transaction");
         }
-        let mut second = Worker::start(&spec, dir.path().join("worker-2.log"));
+        let mut second = Worker::start_kafka(&spec, dir.path().join("worker-2.log"));
         let committed = wait_for_ids_in(&kafka, "out", "read_committed", N as usize, &mut second);
         producer.join().expect("producer thread");
         let duplicates = check_output(&committed, N);

@@ -9,9 +9,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -23,55 +21,8 @@ use sluice_tests::brokers::Nats;
 const KEYS: u64 = 64;
 const STREAM_DEADLINE: Duration = Duration::from_secs(300);
 
-/// A `sluice-worker run` child process; killed (SIGKILL) when dropped, so a
-/// failing test leaves nothing running.
-struct Worker {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Worker {
-    fn start(spec: &Path, log: PathBuf, pod: &str) -> Worker {
-        let out = File::options().create(true).append(true).open(&log).expect("worker log file");
-        let err = out.try_clone().expect("worker log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
-            .arg("run")
-            .arg(spec)
-            .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
-            .env("LOG_LEVEL", "info")
-            .env("POD_NAME", pod)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn sluice-worker");
-        Worker { child, log }
-    }
-
-    /// SIGKILL, as a node failure would.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(6000);
-        text.get(start..).unwrap_or_default().to_string()
-    }
-
-    fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("sluice-worker exited with {status}; its log:\n{}", self.log_tail());
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
+mod common;
+use common::process::WorkerProcess as Worker;
 
 fn write_spec(dir: &Path, spec: &Value) -> PathBuf {
     let path = dir.join("spec.json");
@@ -241,7 +192,7 @@ fn hundred_thousand_messages_end_to_end_in_key_order() {
     rt.block_on(publish(&nats, inputs(0..N)));
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&nats, "e2e"));
-    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a", &[]);
     rt.block_on(wait_for_len(&nats, "OUT", N, &mut worker));
     let records = rt.block_on(read_stream(&nats, "OUT"));
     let duplicates = check_output(&records, N, true);
@@ -258,12 +209,12 @@ fn kill_9_mid_stream_then_restart_redeliveries_are_deduplicated() {
     rt.block_on(publish(&nats, inputs(0..N / 2)));
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&nats, "crash"));
-    let mut first = Worker::start(&spec, dir.path().join("worker-1.log"), "pod-a");
+    let mut first = Worker::start(&spec, dir.path().join("worker-1.log"), "pod-a", &[]);
     rt.block_on(wait_for_len(&nats, "OUT", 10_000, &mut first));
     first.kill9();
     let at_kill = rt.block_on(stream_len(&nats, "OUT"));
     rt.block_on(publish(&nats, inputs(N / 2..N)));
-    let mut second = Worker::start(&spec, dir.path().join("worker-2.log"), "pod-a");
+    let mut second = Worker::start(&spec, dir.path().join("worker-2.log"), "pod-a", &[]);
     rt.block_on(wait_for_len(&nats, "OUT", N, &mut second));
     let records = rt.block_on(read_stream(&nats, "OUT"));
     let duplicates = check_output(&records, N, false);
@@ -288,7 +239,7 @@ fn poison_messages_go_to_the_dead_letter_stream_with_headers() {
     rt.block_on(publish(&nats, records));
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&nats, "poison"));
-    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a", &[]);
     rt.block_on(wait_for_len(&nats, "OUT", 1000, &mut worker));
     rt.block_on(wait_for_len(&nats, "DLQ", 20, &mut worker));
     let out = rt.block_on(read_stream(&nats, "OUT"));
@@ -350,7 +301,7 @@ fn messages_the_stream_refuses_are_dead_lettered_and_the_rest_flows() {
     let mut s = spec(&nats, "refused");
     s["deadLetter"]["maxRetries"] = json!(0);
     let spec = write_spec(dir.path(), &s);
-    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a", &[]);
     let refused: HashSet<u64> = (0..N).filter(|id| big(*id)).collect();
     rt.block_on(wait_for_len(&nats, "OUT", N - refused.len() as u64, &mut worker));
     rt.block_on(wait_for_len(&nats, "DLQ", refused.len() as u64, &mut worker));
@@ -379,7 +330,7 @@ fn server_restart_mid_stream_recovers_by_itself() {
     rt.block_on(publish(&nats, inputs(0..N)));
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&nats, "restart"));
-    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a", &[]);
     rt.block_on(wait_for_len(&nats, "OUT", 10_000, &mut worker));
     nats.restart().expect("nats restart");
     rt.block_on(wait_for_len(&nats, "OUT", N, &mut worker));

@@ -10,9 +10,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    fs::File,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -23,57 +21,13 @@ use sluice_tests::brokers::{Redis, RedisConfig};
 const KEYS: u64 = 64;
 const STREAM_DEADLINE: Duration = Duration::from_secs(300);
 
-/// A `sluice-worker run` child process; killed (SIGKILL) when dropped, so a
-/// failing test leaves nothing running.
-struct Worker {
-    child: Child,
-    log: PathBuf,
-}
+mod common;
+use common::process::WorkerProcess as Worker;
 
 impl Worker {
-    fn start(spec: &Path, log: PathBuf, pod: &str) -> Worker {
-        Self::start_on(spec, log, pod, "127.0.0.1:0")
-    }
-
+    /// A worker whose `/readyz` is at `http`.
     fn start_on(spec: &Path, log: PathBuf, pod: &str, http: &str) -> Worker {
-        let out = File::options().create(true).append(true).open(&log).expect("worker log file");
-        let err = out.try_clone().expect("worker log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
-            .arg("run")
-            .arg(spec)
-            .env("SLUICE_HTTP_ADDR", http)
-            .env("LOG_LEVEL", "info")
-            .env("POD_NAME", pod)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn sluice-worker");
-        Worker { child, log }
-    }
-
-    /// SIGKILL, as a node failure would.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(6000);
-        text.get(start..).unwrap_or_default().to_string()
-    }
-
-    fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("sluice-worker exited with {status}; its log:\n{}", self.log_tail());
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.kill9();
+        Worker::start(spec, log, pod, &[("SLUICE_HTTP_ADDR", http)])
     }
 }
 
@@ -239,7 +193,7 @@ fn hundred_thousand_messages_end_to_end_in_key_order() {
     produce(&redis, 0..N);
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&redis, "e2e", None));
-    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a", &[]);
     let entries = wait_for_ids(&redis, "out", N as usize, &mut worker);
     let duplicates = check_output(&entries, N);
     assert_eq!(wait_until_acked(&redis, "e2e"), 0, "every entry XACKed after delivery");
@@ -259,7 +213,7 @@ fn kill_9_then_another_pod_claims_the_dead_consumers_entries() {
                 produce(&redis, start..start + 1_000);
             }
         });
-        let mut first = Worker::start(&spec, dir.path().join("worker-1.log"), "pod-a");
+        let mut first = Worker::start(&spec, dir.path().join("worker-1.log"), "pod-a", &[]);
         // Kill while pod-a holds read but unacknowledged entries (cheap
         // XLEN/XPENDING polls, so the window is not missed).
         let mut c = conn(&redis);
@@ -277,7 +231,7 @@ fn kill_9_then_another_pod_claims_the_dead_consumers_entries() {
         let at_kill = ids(&read_stream(&redis, "out")).len();
         let stranded = pending(&redis, "crash");
         // A different pod: pod-a's pending entries come back only by XAUTOCLAIM.
-        let mut second = Worker::start(&spec, dir.path().join("worker-2.log"), "pod-b");
+        let mut second = Worker::start(&spec, dir.path().join("worker-2.log"), "pod-b", &[]);
         let entries = wait_for_ids(&redis, "out", N as usize, &mut second);
         producer.join().expect("producer thread");
         let duplicates = check_output_unordered(&entries, N);
@@ -316,7 +270,7 @@ fn poison_messages_go_to_the_dead_letter_stream_with_fields() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&redis, "poison", None));
-    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a", &[]);
     let out = wait_for_ids(&redis, "out", 1000, &mut worker);
     check_output(&out, 1000);
     assert!(ids(&out).iter().all(|id| *id < 1000), "no poison or ignored message in the output");
@@ -360,7 +314,7 @@ fn server_restart_mid_stream_recovers_by_itself() {
     produce(&redis, 0..N);
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&redis, "restart", None));
-    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a");
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a", &[]);
     let before = ids(&wait_for_ids(&redis, "out", 10_000, &mut worker)).len();
     redis.restart().expect("redis restart");
     let entries = wait_for_ids(&redis, "out", N as usize, &mut worker);

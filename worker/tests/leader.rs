@@ -7,9 +7,7 @@
 //! the other takes over at once. At no moment do both run them.
 
 use std::{
-    fs::File,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -26,36 +24,30 @@ const STARTED: &str = "holding the Lease: singleton tasks started";
 const STOPPED: &str = "singleton tasks stopped";
 const LEASE: &str = "orders-leader";
 
-struct Worker {
-    child: Child,
-    log: PathBuf,
-}
+mod common;
+
+/// A worker process as one pod of the processor, with the Lease settings
+/// the operator gives its pods.
+struct Worker(common::process::WorkerProcess);
 
 impl Worker {
     fn start(spec: &Path, dir: &Path, pod: &str, kubeconfig: &Path) -> Worker {
-        let log = dir.join(format!("{pod}.log"));
-        let out = File::create(&log).expect("worker log file");
-        let err = out.try_clone().expect("worker log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
-            .arg("run")
-            .arg(spec)
-            .env("SLUICE_HTTP_ADDR", "127.0.0.1:0")
-            .env("LOG_LEVEL", "info,rdkafka=warn,kube=warn")
-            .env("NO_COLOR", "1")
-            .env("POD_NAME", pod)
-            .env("POD_NAMESPACE", "default")
-            .env("SLUICE_LEASE_NAME", LEASE)
-            .env("KUBECONFIG", kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("spawn sluice-worker");
-        Worker { child, log }
+        let kubeconfig = kubeconfig.to_str().expect("kubeconfig path");
+        Worker(common::process::WorkerProcess::start(
+            spec,
+            dir.join(format!("{pod}.log")),
+            pod,
+            &[
+                ("LOG_LEVEL", "info,rdkafka=warn,kube=warn"),
+                ("POD_NAMESPACE", "default"),
+                ("SLUICE_LEASE_NAME", LEASE),
+                ("KUBECONFIG", kubeconfig),
+            ],
+        ))
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.0.log_text()
     }
 
     fn leads(&self) -> bool {
@@ -63,21 +55,12 @@ impl Worker {
     }
 
     fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.kill9();
     }
 
     fn terminate(&mut self) {
-        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill");
-        assert!(status.success(), "kill -TERM");
-        let status = self.child.wait().expect("wait");
+        let status = self.0.terminate();
         assert!(status.success(), "worker exited with {status} after SIGTERM:\n{}", self.log());
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 
@@ -123,7 +106,7 @@ async fn one_worker_at_a_time_runs_the_singleton_tasks_and_the_other_takes_over(
     assert!(!(a.leads() && b.leads()), "both run the singleton tasks:\n{}", both(&a, &b));
     let (mut leader, mut standby) = if a.leads() { (a, b) } else { (b, a) };
     let holder = leases.get(LEASE).await.expect("the Lease").spec.and_then(|s| s.holder_identity);
-    let leader_name = leader.log.file_stem().map(|s| s.to_string_lossy().to_string());
+    let leader_name = leader.0.log.file_stem().map(|s| s.to_string_lossy().to_string());
     assert_eq!(holder, leader_name, "the Lease names the worker that runs the tasks");
 
     // The singleton task: the leader provisions the output topics, with the
@@ -146,7 +129,7 @@ async fn one_worker_at_a_time_runs_the_singleton_tasks_and_the_other_takes_over(
     );
     eprintln!("takeover after SIGKILL of the leader: {failover:.1?}");
     let holder = leases.get(LEASE).await.expect("the Lease").spec.and_then(|s| s.holder_identity);
-    assert_eq!(holder, standby.log.file_stem().map(|s| s.to_string_lossy().to_string()));
+    assert_eq!(holder, standby.0.log.file_stem().map(|s| s.to_string_lossy().to_string()));
 
     // SIGTERM: the leader stops its tasks, then releases the Lease.
     let mut next = Worker::start(&spec, dir.path(), "worker-c", &kubeconfig);

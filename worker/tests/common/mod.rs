@@ -1,6 +1,8 @@
 //! Test helpers shared by the worker's integration suites.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::{
     collections::VecDeque,
     sync::{
