@@ -1,10 +1,30 @@
 //! Wiring: watches on StreamProcessors and on every object the operator owns,
 //! feeding the reconciler (crate::reconcile). Owned objects are cached by
 //! reflectors that the reconciler reads instead of the API server.
+//!
+//! ```text
+//! StreamProcessors ──watch──> cache ──(generation or deletion changed)──┐
+//! Deployments ──watch──> cache (no managedFields, no pod template) ─────┤
+//!   ──(hash, replicas or the status fields we report changed)──────────┤──> reconcile
+//! ConfigMaps, ServiceAccounts, Roles, RoleBindings, Services, PDBs     │
+//!   ──metadata-only watch──> cache ──(applied hash changed, deleted)───┘
+//! ```
+//!
+//! What triggers a reconcile is filtered to what can change its outcome: the
+//! operator's own writes (its status patches, the children it just created)
+//! come back as watch events, and reconciling on each of them made a cold
+//! start with a thousand processors run six reconciles per processor, the
+//! last ones ahead of processors not reconciled at all yet (the controller's
+//! queue pops ready entries newest first).
 
-use std::{future::Future, sync::Arc};
+use std::{
+    collections::HashMap,
+    future::Future,
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::Arc,
+};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     autoscaling::v2::HorizontalPodAutoscaler,
@@ -13,16 +33,15 @@ use k8s_openapi::api::{
     rbac::v1::{Role, RoleBinding},
 };
 use kube::{
-    Api, Client, Resource,
-    core::error_boundary::DeserializeGuard,
+    Api, Client, Resource, ResourceExt,
+    core::{PartialObjectMeta, error_boundary::DeserializeGuard},
     runtime::{
-        Controller, WatchStreamExt, controller,
+        Controller, PredicateConfig, WatchStreamExt, controller,
         events::{Recorder, Reporter},
         reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
-use serde::de::DeserializeOwned;
 use sluice_crds::StreamProcessor;
 use tracing::{info, warn};
 
@@ -30,7 +49,7 @@ use crate::{
     build::Settings,
     metrics::Metrics,
     probe::LagProbe,
-    reconcile::{self, Context, MANAGER, Stores},
+    reconcile::{self, APPLIED_HASH, Context, MANAGER, Stores},
 };
 
 /// Only what the operator labels as its own is cached.
@@ -58,27 +77,44 @@ pub async fn run(
     let ns = namespace.as_deref();
     let owned = watcher::Config::default().labels(OWNED_SELECTOR);
 
-    macro_rules! child {
+    // Of six of the seven kinds the operator owns, only metadata is read (the
+    // applied-hash annotation, owner references): their watches fetch
+    // metadata only, so a ConfigMap's copy of the whole spec is not cached.
+    macro_rules! child_metadata {
         ($k:ty) => {{
-            let (reader, writer) = reflector::store::<$k>();
-            let stream =
-                watcher(api::<$k>(&client, ns), owned.clone()).default_backoff().reflect(writer).touched_objects();
-            (reader, stream)
+            let (reader, writer) = reflector::store::<PartialObjectMeta<$k>>();
+            // An Api of PartialObjectMeta asks the API server for metadata only.
+            let events = watcher(api::<PartialObjectMeta<$k>>(&client, ns), owned.clone())
+                .default_backoff()
+                .modify(|o| o.metadata.managed_fields = None)
+                .reflect(writer);
+            (reader, meaningful(events, child_fingerprint))
         }};
     }
-    let (deployments, deployment_events) = child!(Deployment);
-    let (configmaps, configmap_events) = child!(ConfigMap);
-    let (service_accounts, sa_events) = child!(ServiceAccount);
-    let (roles, role_events) = child!(Role);
-    let (role_bindings, rb_events) = child!(RoleBinding);
-    let (services, service_events) = child!(Service);
-    let (pdbs, pdb_events) = child!(PodDisruptionBudget);
+    let (configmaps, configmap_events) = child_metadata!(ConfigMap);
+    let (service_accounts, sa_events) = child_metadata!(ServiceAccount);
+    let (roles, role_events) = child_metadata!(Role);
+    let (role_bindings, rb_events) = child_metadata!(RoleBinding);
+    let (services, service_events) = child_metadata!(Service);
+    let (pdbs, pdb_events) = child_metadata!(PodDisruptionBudget);
+    // Deployments whole (their status is reported), but without the pod
+    // template: the applied-hash annotation stands for it.
+    let (deployments, deployment_writer) = reflector::store::<Deployment>();
+    let deployment_events = watcher(api::<Deployment>(&client, ns), owned.clone())
+        .default_backoff()
+        .modify(|d| {
+            d.metadata.managed_fields = None;
+            d.spec.template.spec = None;
+        })
+        .reflect(deployment_writer);
+    let deployment_events = meaningful(deployment_events, deployment_fingerprint);
     // HPAs are not ours: every one is watched, and one that targets a
     // StreamProcessor (its own namespace, kind StreamProcessor, group
     // sluice.io) triggers that processor's reconcile (crate::hpa).
     let (hpas, hpa_writer) = reflector::store::<HorizontalPodAutoscaler>();
     let hpa_events = watcher(api::<HorizontalPodAutoscaler>(&client, ns), watcher::Config::default())
         .default_backoff()
+        .modify(|h| h.metadata.managed_fields = None)
         .reflect(hpa_writer)
         .touched_objects();
     let stores = Stores { deployments, configmaps, service_accounts, roles, role_bindings, services, pdbs, hpas };
@@ -93,8 +129,17 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    // Every status patch comes back as an event on the processor: only a new
+    // generation (spec, scale subresource) or a deletion calls for a reconcile.
+    let (processor_cache, processor_writer) = reflector::store::<DeserializeGuard<StreamProcessor>>();
+    let processor_events = watcher(processors, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|p| p.meta_mut().managed_fields = None)
+        .reflect(processor_writer)
+        .applied_objects()
+        .predicate_filter(processor_fingerprint, PredicateConfig::default());
     info!(namespace = ns.unwrap_or("<all>"), "starting the StreamProcessor controller");
-    Controller::new(processors, watcher::Config::default().any_semantic())
+    Controller::for_stream(processor_events, processor_cache)
         .with_config(controller::Config::default().concurrency(concurrency()))
         .owns_stream(deployment_events)
         .owns_stream(configmap_events)
@@ -130,6 +175,77 @@ pub async fn run(
     info!("the StreamProcessor controller stopped");
 }
 
+/// What of a processor calls for a reconcile: its generation (spec and
+/// scale subresource) and whether it is being deleted.
+fn processor_fingerprint(p: &DeserializeGuard<StreamProcessor>) -> Option<u64> {
+    let m = p.meta();
+    Some(hash_of(&(m.generation, m.deletion_timestamp.is_some())))
+}
+
+/// What of a metadata-only child calls for a reconcile: the hash the
+/// operator applied (changed or removed by someone else) and deletion.
+fn child_fingerprint<K: Resource>(o: &K) -> u64 {
+    hash_of(&(o.annotations().get(APPLIED_HASH), o.meta().deletion_timestamp.is_some()))
+}
+
+/// What of a Deployment calls for a reconcile: what `child_fingerprint`
+/// covers, its replicas (someone scaled it directly) and the status fields a
+/// processor's status reports (crate::reconcile::report).
+fn deployment_fingerprint(d: &Deployment) -> u64 {
+    let s = d.status.as_ref();
+    hash_of(&(
+        child_fingerprint(d),
+        d.spec.replicas,
+        s.and_then(|s| s.replicas),
+        s.and_then(|s| s.ready_replicas),
+        s.and_then(|s| s.updated_replicas),
+        s.and_then(|s| s.observed_generation).unwrap_or(0) >= d.metadata.generation.unwrap_or(0),
+    ))
+}
+
+fn hash_of(v: &impl Hash) -> u64 {
+    let mut h = DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+/// The child events that can change a reconcile's outcome: deletions, and
+/// changes of `fingerprint` after the first sight of an object (its first
+/// sight follows the reconcile that created it). A (re)list passes every
+/// object, so a child deleted while the watch was down is still recreated.
+fn meaningful<K>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    fingerprint: fn(&K) -> u64,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Send + 'static,
+{
+    let mut seen: HashMap<(String, String), u64> = HashMap::new();
+    events.filter_map(move |event| {
+        let out = match event {
+            Err(e) => Some(Err(e)),
+            Ok(watcher::Event::Apply(o)) => {
+                let key = (o.namespace().unwrap_or_default(), o.name_any());
+                let print = fingerprint(&o);
+                match seen.insert(key, print) {
+                    Some(old) if old != print => Some(Ok(o)),
+                    _ => None,
+                }
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                seen.insert((o.namespace().unwrap_or_default(), o.name_any()), fingerprint(&o));
+                Some(Ok(o))
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                seen.remove(&(o.namespace().unwrap_or_default(), o.name_any()));
+                Some(Ok(o))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+        };
+        std::future::ready(out)
+    })
+}
+
 /// Reconciles running at once (`SLUICE_RECONCILE_CONCURRENCY`, default 32).
 /// Unbounded, a cold start with a thousand processors sent thousands of
 /// requests at once: each waited seconds in the API server's fair queues and
@@ -141,7 +257,7 @@ fn concurrency() -> u16 {
 }
 
 async fn wait_ready(s: &Stores) {
-    async fn one<K: Resource<DynamicType = ()> + Clone + DeserializeOwned>(s: &Store<K>) {
+    async fn one<K: Resource<DynamicType = ()> + Clone>(s: &Store<K>) {
         let _ = s.wait_until_ready().await;
     }
     one(&s.deployments).await;
@@ -154,4 +270,93 @@ async fn wait_ready(s: &Stores) {
     // Not the HPAs: a chart without their RBAC must not stop every reconcile
     // (their watch backs off and logs); an HPA that arrives later triggers
     // its processor's reconcile.
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::{StreamExt, stream};
+    use k8s_openapi::api::{apps::v1::DeploymentStatus, core::v1::ConfigMap};
+    use kube::api::ObjectMeta;
+
+    use super::*;
+
+    fn configmap(name: &str, hash: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                annotations: Some([(APPLIED_HASH.to_string(), hash.to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        }
+    }
+
+    fn passed<K: Resource + Send + 'static>(events: Vec<watcher::Event<K>>, print: fn(&K) -> u64) -> Vec<String> {
+        let out = meaningful(stream::iter(events.into_iter().map(Ok)), print);
+        futures::executor::block_on(out.map(|o| o.map(|o| o.name_any()).unwrap_or_default()).collect())
+    }
+
+    #[test]
+    fn the_operators_own_creations_and_repeats_trigger_nothing() {
+        use watcher::Event::*;
+        let events = vec![
+            // Created by a reconcile, seen, seen again unchanged.
+            Apply(configmap("a", "h1")),
+            Apply(configmap("a", "h1")),
+            // Someone changed what the operator applied: reconcile.
+            Apply(configmap("a", "edited")),
+            // Deleted: reconcile (it is recreated).
+            Delete(configmap("a", "edited")),
+            // Created again: its first sight follows the reconcile that created it.
+            Apply(configmap("a", "h1")),
+        ];
+        assert_eq!(passed(events, child_fingerprint), ["a", "a"]);
+    }
+
+    #[test]
+    fn a_relist_passes_every_object() {
+        use watcher::Event::*;
+        let events = vec![Init, InitApply(configmap("a", "h1")), InitApply(configmap("b", "h1")), InitDone];
+        assert_eq!(passed(events, child_fingerprint), ["a", "b"]);
+    }
+
+    #[test]
+    fn deployments_trigger_on_the_status_a_processor_reports() {
+        use watcher::Event::*;
+        let with = |ready: Option<i32>, conditions: usize| {
+            let mut d = Deployment { metadata: configmap("d", "h1").metadata, ..Deployment::default() };
+            d.status = Some(DeploymentStatus {
+                ready_replicas: ready,
+                conditions: Some(vec![Default::default(); conditions]),
+                ..DeploymentStatus::default()
+            });
+            d
+        };
+        let events = vec![
+            Apply(with(None, 0)),
+            // A status change a processor does not report.
+            Apply(with(None, 1)),
+            // readyReplicas is reported.
+            Apply(with(Some(1), 1)),
+        ];
+        assert_eq!(passed(events, deployment_fingerprint), ["d"]);
+    }
+
+    #[test]
+    fn status_patches_do_not_trigger_the_processor() {
+        let mut sp = crate::build::fixtures::example("nats-clean-events.yaml");
+        sp.metadata.generation = Some(3);
+        let print = |sp: &StreamProcessor| processor_fingerprint(&DeserializeGuard(Ok(sp.clone())));
+        let mut patched = sp.clone();
+        patched.status = Some(Default::default());
+        assert_eq!(print(&sp), print(&patched));
+        let mut newer = sp.clone();
+        newer.metadata.generation = Some(4);
+        assert_ne!(print(&sp), print(&newer));
+        let mut deleted = sp.clone();
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert_ne!(print(&sp), print(&deleted));
+    }
 }

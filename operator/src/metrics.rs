@@ -7,6 +7,7 @@ use prometheus::{
 };
 
 pub const RECONCILE_DURATION: &str = "sluice_operator_reconcile_duration_seconds";
+pub const RECONCILE_STEP_DURATION: &str = "sluice_operator_reconcile_step_seconds";
 pub const RECONCILE_ERRORS: &str = "sluice_operator_reconcile_errors_total";
 pub const DESIRED_REPLICAS: &str = "sluice_operator_desired_replicas";
 pub const LAG: &str = "sluice_operator_lag";
@@ -18,6 +19,9 @@ pub const LEADER: &str = "sluice_operator_leader";
 pub struct Metrics {
     pub registry: Registry,
     pub reconcile_duration: HistogramVec,
+    /// Time in each reconcile step (dereference, scale, apply, report), to
+    /// tell the operator's own work from its round trips to the API server.
+    pub reconcile_step_duration: HistogramVec,
     pub reconcile_errors: IntCounterVec,
     pub desired_replicas: IntGaugeVec,
     pub lag: IntGaugeVec,
@@ -33,6 +37,13 @@ impl Metrics {
             HistogramOpts::new(RECONCILE_DURATION, "Time to reconcile one StreamProcessor")
                 .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
             &["outcome"],
+        )
+        .expect("valid metric");
+        let reconcile_step_duration = HistogramVec::new(
+            HistogramOpts::new(RECONCILE_STEP_DURATION, "Time in one step of a reconcile").buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["step"],
         )
         .expect("valid metric");
         let reconcile_errors =
@@ -59,6 +70,7 @@ impl Metrics {
             IntGauge::new(LEADER, "1 while this operator replica holds the leader Lease").expect("valid metric");
         for c in [
             Box::new(reconcile_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconcile_step_duration.clone()),
             Box::new(reconcile_errors.clone()),
             Box::new(desired_replicas.clone()),
             Box::new(lag.clone()),
@@ -71,6 +83,7 @@ impl Metrics {
         Self {
             registry,
             reconcile_duration,
+            reconcile_step_duration,
             reconcile_errors,
             desired_replicas,
             lag,

@@ -8,10 +8,14 @@
 
 use std::fmt::Debug;
 
-use k8s_openapi::{NamespaceResourceScope, api::core::v1::ServiceAccount};
+use k8s_openapi::{
+    NamespaceResourceScope,
+    api::core::v1::{Service, ServiceAccount},
+};
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
+    core::PartialObjectMeta,
     runtime::reflector::{ObjectRef, Store},
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -53,7 +57,7 @@ pub async fn apply_all(ctx: &Context, sp: &StreamProcessor, replicas: i32) -> Re
         ensure(ctx, &s.configmaps, build::configmap(sp), |_, _| true),
         service_account,
         rbac,
-        ensure(ctx, &s.services, build::service(sp), |_, _| true),
+        ensure_service(ctx, &s.services, sp),
         ensure(ctx, &s.pdbs, build::pdb(sp), |_, _| true),
         ensure(ctx, &s.deployments, deployment, |live, want| live.spec.replicas == want.spec.replicas),
     )?;
@@ -65,10 +69,17 @@ fn hash_of<K: Serialize>(obj: &K) -> String {
     Sha256::digest(&bytes).iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Apply `obj` unless the live copy already carries its hash and `same` agrees.
-async fn ensure<K>(ctx: &Context, store: &Store<K>, mut obj: K, same: impl Fn(&K, &K) -> bool) -> Result<(), ApplyError>
+/// Apply `obj` unless the cached copy (`S`: the object or only its
+/// metadata) already carries its hash and `same` agrees.
+async fn ensure<K, S>(
+    ctx: &Context,
+    store: &Store<S>,
+    mut obj: K,
+    same: impl Fn(&S, &K) -> bool,
+) -> Result<(), ApplyError>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + Debug + Serialize + DeserializeOwned,
+    S: Resource<DynamicType = ()> + Clone,
 {
     let hash = hash_of(&obj);
     obj.annotations_mut().insert(APPLIED_HASH.into(), hash.clone());
@@ -90,12 +101,52 @@ where
     Ok(())
 }
 
-/// Delete the operator's ServiceAccount for a processor that now names its own.
-async fn prune(ctx: &Context, store: &Store<ServiceAccount>, sp: &StreamProcessor) -> Result<(), ApplyError> {
+/// A Service the operator created with a cluster IP (before its Services
+/// became headless, crate::build::service) cannot be made headless in place:
+/// `spec.clusterIP` is immutable. It is deleted and created again; its
+/// endpoints follow at once and Prometheus finds them again.
+async fn ensure_service(
+    ctx: &Context,
+    store: &Store<PartialObjectMeta<Service>>,
+    sp: &StreamProcessor,
+) -> Result<(), ApplyError> {
     let (name, ns) = (sp.name_any(), sp.namespace().unwrap_or_default());
-    let Some(live) = store.get(&ObjectRef::new(&name).within(&ns)) else { return Ok(()) };
-    let ours = live.owner_references().iter().any(|o| Some(&o.uid) == sp.metadata.uid.as_ref());
-    if !ours {
+    match ensure(ctx, store, build::service(sp), |_, _| true).await {
+        Err(ApplyError::Api { source: kube::Error::Api(s), .. })
+            if s.code == 422 && s.message.contains("clusterIP") && owned_by(store, &name, &ns, sp) =>
+        {
+            let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+            match api.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => return Err(ApplyError::Api { kind: "Service", name, source }),
+            }
+            ensure(ctx, store, build::service(sp), |_, _| true).await
+        }
+        result => result,
+    }
+}
+
+/// The cached object `name` exists and names `sp` as an owner.
+fn owned_by<S: Resource<DynamicType = ()> + Clone>(
+    store: &Store<S>,
+    name: &str,
+    ns: &str,
+    sp: &StreamProcessor,
+) -> bool {
+    store
+        .get(&ObjectRef::new(name).within(ns))
+        .is_some_and(|live| live.owner_references().iter().any(|o| Some(&o.uid) == sp.metadata.uid.as_ref()))
+}
+
+/// Delete the operator's ServiceAccount for a processor that now names its own.
+async fn prune(
+    ctx: &Context,
+    store: &Store<PartialObjectMeta<ServiceAccount>>,
+    sp: &StreamProcessor,
+) -> Result<(), ApplyError> {
+    let (name, ns) = (sp.name_any(), sp.namespace().unwrap_or_default());
+    if !owned_by(store, &name, &ns, sp) {
         return Ok(());
     }
     let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ns);

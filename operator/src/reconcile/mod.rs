@@ -32,13 +32,13 @@ use k8s_openapi::api::{
 };
 use kube::{
     Client, ResourceExt,
-    core::error_boundary::DeserializeGuard,
+    core::{PartialObjectMeta, error_boundary::DeserializeGuard},
     runtime::{controller::Action, events::Recorder, reflector::Store},
 };
 use sluice_crds::StreamProcessor;
 use tracing::{info, warn};
 
-pub use apply::ApplyError;
+pub use apply::{APPLIED_HASH, ApplyError};
 pub use dereference::DereferenceError;
 pub use report::ReportError;
 
@@ -48,15 +48,18 @@ use crate::{autoscale::ScaleMemory, build::Settings, metrics::Metrics, probe::La
 pub const MANAGER: &str = "sluice-operator";
 
 /// Caches of the objects the operator owns, fed by the controller's watches.
+/// Of all but the Deployments only metadata is kept: the applied-hash
+/// annotation says whether they are current (crate::reconcile::apply).
 #[derive(Clone)]
 pub struct Stores {
+    /// Without their pod templates (crate::controller).
     pub deployments: Store<Deployment>,
-    pub configmaps: Store<ConfigMap>,
-    pub service_accounts: Store<ServiceAccount>,
-    pub roles: Store<Role>,
-    pub role_bindings: Store<RoleBinding>,
-    pub services: Store<Service>,
-    pub pdbs: Store<PodDisruptionBudget>,
+    pub configmaps: Store<PartialObjectMeta<ConfigMap>>,
+    pub service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    pub roles: Store<PartialObjectMeta<Role>>,
+    pub role_bindings: Store<PartialObjectMeta<RoleBinding>>,
+    pub services: Store<PartialObjectMeta<Service>>,
+    pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
     /// Every HPA (not only the operator's: it owns none), to find those that
     /// target a StreamProcessor (crate::hpa).
     pub hpas: Store<HorizontalPodAutoscaler>,
@@ -145,6 +148,14 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<StreamProcessor>>, ctx: Arc<C
     result
 }
 
+/// Time one step of a reconcile into the step histogram.
+async fn step<T>(ctx: &Context, step: &'static str, fut: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = fut.await;
+    ctx.metrics.reconcile_step_duration.with_label_values(&[step]).observe(started.elapsed().as_secs_f64());
+    out
+}
+
 async fn reconcile_processor(sp: &StreamProcessor, ctx: &Context) -> Result<Action, Error> {
     let (ns, name) = (sp.namespace().unwrap_or_default(), sp.name_any());
 
@@ -152,7 +163,7 @@ async fn reconcile_processor(sp: &StreamProcessor, ctx: &Context) -> Result<Acti
     let spec_problem = dereference::spec_problem(sp);
     let secrets = match &spec_problem {
         Some(_) => Err(None),
-        None => dereference::secrets(&ctx.client, sp).await.map_err(Some),
+        None => step(ctx, "dereference", dereference::secrets(&ctx.client, sp)).await.map_err(Some),
     };
     let (secrets, problem) = match secrets {
         Ok(s) => (s, spec_problem),
@@ -171,23 +182,29 @@ async fn reconcile_processor(sp: &StreamProcessor, ctx: &Context) -> Result<Acti
     if let Some(problem) = problem {
         // Keep the last good workers; say what is wrong; wait for a fix.
         warn!(namespace = %ns, name = %name, reason = problem.reason, "{}; keeping the last good workers until it is fixed", problem.message);
-        report::report(ctx, sp, live.as_deref(), Some(problem), &autoscaler_problems, current, None).await?;
+        step(
+            ctx,
+            "report",
+            report::report(ctx, sp, live.as_deref(), Some(problem), &autoscaler_problems, current, None),
+        )
+        .await?;
         // Secrets are not watched: look again in a while.
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
 
     // scale
-    let mut replicas = scale::decide(ctx, sp, &secrets, current, live.is_some()).await;
+    let mut replicas = step(ctx, "scale", scale::decide(ctx, sp, &secrets, current, live.is_some())).await;
     replicas.problems.extend(autoscaler_problems);
 
     // build + apply
-    apply::apply_all(ctx, sp, replicas.desired).await?;
+    step(ctx, "apply", apply::apply_all(ctx, sp, replicas.desired)).await?;
     if let Some(from) = replicas.changed_from {
         info!(namespace = %ns, name = %name, from, to = replicas.desired, "scaling workers");
     }
 
     // report
-    report::report(ctx, sp, live.as_deref(), None, &replicas.problems, current, Some(&replicas)).await?;
+    step(ctx, "report", report::report(ctx, sp, live.as_deref(), None, &replicas.problems, current, Some(&replicas)))
+        .await?;
 
     Ok(Action::requeue(replicas.requeue))
 }
