@@ -14,6 +14,7 @@ use std::{
 };
 
 use futures::{StreamExt, stream};
+use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api,
     api::{ListParams, PostParams},
@@ -82,6 +83,125 @@ async fn scrape(port: u16) -> String {
     out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
+fn step_buckets(metrics: &str, step: &str) -> Vec<(f64, f64)> {
+    let label = format!("step=\"{step}\"");
+    let mut buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter(|l| l.starts_with("sluice_operator_reconcile_step_seconds_bucket") && l.contains(&label))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12].iter().filter_map(|&i| f.get(i)?.parse::<f64>().ok()).sum();
+    ticks / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// One completed request from the API server's audit log, with the server's
+/// own timing (received -> response complete) and, for slow requests, its
+/// latency breakdown (the `apiserver.latency.k8s.io/*` annotations).
+struct Request {
+    user: String,
+    verb: String,
+    resource: String,
+    subresource: String,
+    received: Timestamp,
+    seconds: f64,
+    apf_wait: f64,
+}
+
+fn go_duration(s: &str) -> f64 {
+    // "1.5s", "250.3ms", "12µs", "1m2.5s"
+    let mut total = 0.0;
+    let mut num = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let mut unit = c.to_string();
+        while let Some(&n) = chars.peek() {
+            if n.is_ascii_digit() || n == '.' {
+                break;
+            }
+            unit.push(n);
+            chars.next();
+        }
+        let v: f64 = num.parse().unwrap_or(0.0);
+        num.clear();
+        total += v * match unit.as_str() {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "µs" | "us" => 1e-6,
+            "ns" => 1e-9,
+            _ => 0.0,
+        };
+    }
+    total
+}
+
+fn audit_requests(path: &std::path::Path) -> Vec<Request> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["stage"] == "ResponseComplete")
+        .filter_map(|e| {
+            let ts = |k: &str| e[k].as_str()?.parse::<Timestamp>().ok();
+            let (received, done) = (ts("requestReceivedTimestamp")?, ts("stageTimestamp")?);
+            let str_of = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+            Some(Request {
+                user: str_of(&e["user"]["username"]),
+                verb: str_of(&e["verb"]),
+                resource: str_of(&e["objectRef"]["resource"]),
+                subresource: str_of(&e["objectRef"]["subresource"]),
+                received,
+                seconds: done.duration_since(received).as_secs_f64(),
+                apf_wait: e["annotations"]["apiserver.latency.k8s.io/apf-queue-wait"]
+                    .as_str()
+                    .map(go_duration)
+                    .unwrap_or(0.0),
+            })
+        })
+        .collect()
+}
+
+fn is_write(verb: &str) -> bool {
+    matches!(verb, "create" | "update" | "patch" | "delete")
+}
+
+fn exact_quantile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let i = ((values.len() as f64 - 1.0) * q).round() as usize;
+    values[i]
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
@@ -139,8 +259,17 @@ async fn main() {
     let pid = child.id();
     let _operator = Operator(child);
     let cold = Instant::now();
+    let cold_wall = Timestamp::now();
+    let mut components: Vec<(&str, u32)> = cluster.pids();
+    components.push(("sluice-operator", pid));
+    let cpu_at_cold: Vec<f64> = components.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+    let mut cpu_at_reconciled = cpu_at_cold.clone();
+    let mut reconciled_wall = cold_wall;
 
     let mut reconciled_at = None;
+    // When the first 50%, 90% and 99% of processors were reconciled: a long
+    // tail after most are done is the controller's queue, not the API server.
+    let mut milestones: Vec<(f64, Option<Duration>)> = vec![(0.5, None), (0.9, None), (0.99, None)];
     let mut ready_at = None;
     let mut peak_rss = 0;
     while ready_at.is_none() && cold.elapsed() < Duration::from_secs(600) {
@@ -157,8 +286,15 @@ async fn main() {
             .iter()
             .filter(|sp| sp.status.as_ref().and_then(|s| s.condition("Ready")).is_some_and(|c| c.status == "True"))
             .count();
+        for (share, at) in milestones.iter_mut() {
+            if at.is_none() && reconciled as f64 >= *share * n as f64 {
+                *at = Some(cold.elapsed());
+            }
+        }
         if reconciled == n && reconciled_at.is_none() {
             reconciled_at = Some(cold.elapsed());
+            reconciled_wall = Timestamp::now();
+            cpu_at_reconciled = components.iter().map(|(_, p)| cpu_seconds(*p)).collect();
         }
         if ready == n {
             ready_at = Some(cold.elapsed());
@@ -186,6 +322,9 @@ async fn main() {
         "| all reconciled (status.observedGeneration current) after a cold start | {:.2?} | < 10 s |",
         reconciled_at.unwrap_or_default()
     );
+    for (share, at) in &milestones {
+        println!("| {:.0}% reconciled | {:.2?} | |", share * 100.0, at.unwrap_or_default());
+    }
     println!("| all Ready (workers Running on KWOK nodes) | {:.2?} | |", ready_at.unwrap_or_default());
     println!("| reconciles | {} | |", buckets.last().map(|b| b.1).unwrap_or(0.0));
     println!("| reconcile p50 | {:.1} ms | |", quantile(&buckets, 0.5) * 1000.0);
@@ -201,4 +340,77 @@ async fn main() {
         writes
     );
     println!("| reconciles in that window | {reconciles_in_window} | |");
+
+    // Where the cold start's time went: the API server's own view (audit log).
+    if let Ok(copy) = std::env::var("SLUICE_BENCH_KEEP_AUDIT") {
+        let _ = std::fs::copy(cluster.audit_log(), &copy);
+        eprintln!("audit log copied to {copy}");
+    }
+    let requests = audit_requests(&cluster.audit_log());
+    let in_cold: Vec<&Request> =
+        requests.iter().filter(|r| r.received >= cold_wall && r.received <= reconciled_wall).collect();
+    // The bench polls StreamProcessors with the same admin credentials; the operator never lists them outside its watch.
+    let by_operator = |r: &&&Request| {
+        r.user == ADMIN && !(r.resource == "streamprocessors" && r.subresource.is_empty() && r.verb != "watch")
+    };
+    let op_writes: Vec<&&Request> = in_cold.iter().filter(by_operator).filter(|r| is_write(&r.verb)).collect();
+    let all_writes: Vec<&&Request> = in_cold.iter().filter(|r| is_write(&r.verb)).collect();
+    let window_s = reconciled_wall.duration_since(cold_wall).as_secs_f64().max(0.001);
+    let mut lat: Vec<f64> = op_writes.iter().map(|r| r.seconds).collect();
+    let mut all_lat: Vec<f64> = all_writes.iter().map(|r| r.seconds).collect();
+    let apf_waited = op_writes.iter().filter(|r| r.apf_wait > 0.0).count();
+    let apf_total: f64 = op_writes.iter().map(|r| r.apf_wait).sum();
+    let mut by_resource: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in &op_writes {
+        let key =
+            if r.subresource.is_empty() { r.resource.clone() } else { format!("{}/{}", r.resource, r.subresource) };
+        *by_resource.entry(format!("{} {key}", r.verb)).or_default() += 1;
+    }
+    let mut others: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in all_writes.iter().filter(|r| r.user != ADMIN) {
+        *others.entry(r.user.clone()).or_default() += 1;
+    }
+    println!();
+    println!("cold start, {window_s:.1} s from the operator's start until all reconciled (API server audit log):");
+    println!(
+        "- operator writes: {} ({:.1} per processor); API server time per write p50 {:.1} ms, p99 {:.1} ms; {} waited in priority-and-fairness queues, {:.1} s in all",
+        op_writes.len(),
+        op_writes.len() as f64 / n as f64,
+        exact_quantile(&mut lat, 0.5) * 1000.0,
+        exact_quantile(&mut lat, 0.99) * 1000.0,
+        apf_waited,
+        apf_total
+    );
+    println!("  by verb and resource: {by_resource:?}");
+    println!(
+        "- all writes to the API server: {} ({:.0}/s); p50 {:.1} ms, p99 {:.1} ms",
+        all_writes.len(),
+        all_writes.len() as f64 / window_s,
+        exact_quantile(&mut all_lat, 0.5) * 1000.0,
+        exact_quantile(&mut all_lat, 0.99) * 1000.0
+    );
+    println!("  writes by other users: {others:?}");
+    println!("- CPU seconds used in that window (2 cores = {:.0} CPU-s available):", 2.0 * window_s);
+    for (i, (name, _)) in components.iter().enumerate() {
+        let used = cpu_at_reconciled[i] - cpu_at_cold[i];
+        if used > 0.05 {
+            println!("  {name}: {used:.1}");
+        }
+    }
+    let op_cpu = cpu_at_reconciled.last().unwrap_or(&0.0) - cpu_at_cold.last().unwrap_or(&0.0);
+    let reconciles = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    println!("- operator CPU per reconcile (whole run): {:.2} ms", cpu_seconds(pid) * 1000.0 / reconciles.max(1.0));
+    let _ = op_cpu;
+    println!("- reconcile steps (wall time, operator histogram):");
+    for st in ["dereference", "scale", "apply", "report"] {
+        let b = step_buckets(&metrics, st);
+        if b.last().is_some_and(|x| x.1 > 0.0) {
+            println!(
+                "  {st}: {} runs, p50 {:.2} ms, p99 {:.2} ms",
+                b.last().map(|x| x.1).unwrap_or(0.0),
+                quantile(&b, 0.5) * 1000.0,
+                quantile(&b, 0.99) * 1000.0
+            );
+        }
+    }
 }
