@@ -109,6 +109,17 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / clock_ticks()
 }
 
+/// (busy, all) CPU seconds of the whole machine so far, from /proc/stat.
+fn machine_cpu_seconds() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> =
+        stat.lines().next().unwrap_or_default().split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let all: f64 = ticks.iter().take(8).sum();
+    // idle and iowait are not busy
+    let idle = ticks.get(3).unwrap_or(&0.0) + ticks.get(4).unwrap_or(&0.0);
+    ((all - idle) / clock_ticks(), all / clock_ticks())
+}
+
 fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
@@ -263,6 +274,8 @@ async fn main() {
     let mut components: Vec<(&str, u32)> = cluster.pids();
     components.push(("sluice-operator", pid));
     let cpu_at_cold: Vec<f64> = components.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+    let machine_at_cold = machine_cpu_seconds();
+    let mut machine_at_reconciled = machine_at_cold;
     let mut cpu_at_reconciled = cpu_at_cold.clone();
     let mut reconciled_wall = cold_wall;
 
@@ -295,6 +308,7 @@ async fn main() {
             reconciled_at = Some(cold.elapsed());
             reconciled_wall = Timestamp::now();
             cpu_at_reconciled = components.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+            machine_at_reconciled = machine_cpu_seconds();
         }
         if ready == n {
             ready_at = Some(cold.elapsed());
@@ -397,10 +411,15 @@ async fn main() {
             println!("  {name}: {used:.1}");
         }
     }
-    let op_cpu = cpu_at_reconciled.last().unwrap_or(&0.0) - cpu_at_cold.last().unwrap_or(&0.0);
+    let ours: f64 = cpu_at_reconciled.iter().zip(&cpu_at_cold).map(|(a, b)| a - b).sum();
+    let busy = machine_at_reconciled.0 - machine_at_cold.0;
+    println!(
+        "  whole machine: {busy:.1} of {:.1} CPU-s busy; processes outside the cluster and the operator (other builds and tests): {:.1}",
+        machine_at_reconciled.1 - machine_at_cold.1,
+        (busy - ours).max(0.0)
+    );
     let reconciles = buckets.last().map(|b| b.1).unwrap_or(0.0);
     println!("- operator CPU per reconcile (whole run): {:.2} ms", cpu_seconds(pid) * 1000.0 / reconciles.max(1.0));
-    let _ = op_cpu;
     println!("- reconcile steps (wall time, operator histogram):");
     for st in ["dereference", "scale", "apply", "report"] {
         let b = step_buckets(&metrics, st);
