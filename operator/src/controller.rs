@@ -34,7 +34,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    core::{PartialObjectMeta, error_boundary::DeserializeGuard},
+    core::{DynamicObject, PartialObjectMeta, error_boundary::DeserializeGuard},
     runtime::{
         Controller, PredicateConfig, WatchStreamExt, controller,
         events::{Recorder, Reporter},
@@ -117,7 +117,46 @@ pub async fn run(
         .modify(|h| h.metadata.managed_fields = None)
         .reflect(hpa_writer)
         .touched_objects();
-    let stores = Stores { deployments, configmaps, service_accounts, roles, role_bindings, services, pdbs, hpas };
+    // KEDA ScaledObjects, likewise, as dynamic objects: where KEDA's CRDs
+    // are not installed the watch finds nothing to list, backs off and the
+    // store stays empty; installed later, it fills (crate::hpa).
+    let so_resource = crate::hpa::scaled_object_resource();
+    let so_writer = reflector::store::Writer::<DynamicObject>::new(so_resource.clone());
+    let scaled_objects = so_writer.as_reader();
+    let so_api = match ns {
+        Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &so_resource),
+        None => Api::<DynamicObject>::all_with(client.clone(), &so_resource),
+    };
+    let keda_absent_said = std::sync::atomic::AtomicBool::new(false);
+    let so_events = watcher(so_api, watcher::Config::default())
+        .default_backoff()
+        .modify(|s| s.metadata.managed_fields = None)
+        .reflect(so_writer)
+        .touched_objects()
+        .filter_map(move |event| {
+            let event = match event {
+                Ok(so) => Some(Ok(so)),
+                Err(e) => {
+                    // Not installed is a normal state: said once, not every backoff.
+                    if !keda_absent_said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        info!("KEDA ScaledObjects cannot be watched ({e}); fine without KEDA, and watched once it is installed");
+                    }
+                    None::<Result<DynamicObject, watcher::Error>>
+                }
+            };
+            std::future::ready(event)
+        });
+    let stores = Stores {
+        deployments,
+        configmaps,
+        service_accounts,
+        roles,
+        role_bindings,
+        services,
+        pdbs,
+        hpas,
+        scaled_objects,
+    };
 
     let recorder = Recorder::new(
         client.clone(),
@@ -148,6 +187,14 @@ pub async fn run(
         .owns_stream(rb_events)
         .owns_stream(service_events)
         .owns_stream(pdb_events)
+        .watches_stream_with(
+            so_events,
+            |so: DynamicObject| {
+                crate::hpa::scaled_object_target(&so)
+                    .map(|(ns, name)| ObjectRef::<DeserializeGuard<StreamProcessor>>::new(&name).within(&ns))
+            },
+            so_resource,
+        )
         .watches_stream(hpa_events, |hpa: HorizontalPodAutoscaler| {
             let (ns, name) = (hpa.metadata.namespace.clone().unwrap_or_default(), &hpa.spec.scale_target_ref.name);
             crate::hpa::targets(&hpa, &ns, name)
@@ -167,8 +214,14 @@ pub async fn run(
             ctx,
         )
         .for_each(|result| async move {
-            if let Err(e) = result {
-                warn!("controller: {e}");
+            match result {
+                // An HPA or ScaledObject event for a processor already gone
+                // (deleted first, or never created): nothing to do.
+                Err(controller::Error::ObjectNotFound(obj)) => {
+                    tracing::debug!(%obj, "an event for a StreamProcessor that does not exist");
+                }
+                Err(e) => warn!("controller: {e}"),
+                Ok(_) => {}
             }
         })
         .await;

@@ -63,6 +63,9 @@ pub struct Stores {
     /// Every HPA (not only the operator's: it owns none), to find those that
     /// target a StreamProcessor (crate::hpa).
     pub hpas: Store<HorizontalPodAutoscaler>,
+    /// Every KEDA ScaledObject (empty where KEDA's CRDs are not installed),
+    /// to say when KEDA does not act on one (crate::hpa).
+    pub scaled_objects: Store<kube::core::DynamicObject>,
 }
 
 /// Autoscaler state of one StreamProcessor between reconciles.
@@ -173,8 +176,24 @@ async fn reconcile_processor(sp: &StreamProcessor, ctx: &Context) -> Result<Acti
     };
 
     // HPAs (KEDA's or plain) on the scale subresource: conflicts, failures.
-    let autoscalers = crate::hpa::targeting(ctx.stores.hpas.state().iter().map(|h| h.as_ref()), &ns, &name);
-    let autoscaler_problems = crate::hpa::problems(sp.spec.scaling.is_some(), &autoscalers);
+    // KEDA ScaledObjects count before KEDA made their HPA; one without it
+    // for long means KEDA is not running (or refuses it).
+    let hpas = crate::hpa::targeting(ctx.stores.hpas.state().iter().map(|h| h.as_ref()), &ns, &name);
+    let scaled_objects = crate::hpa::scaled_objects_targeting(
+        ctx.stores.scaled_objects.state().iter().map(|s| s.as_ref()),
+        &ns,
+        &name,
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    let mut autoscaler_problems = crate::hpa::scaled_object_problems(sp.spec.scaling.is_some(), &scaled_objects, &hpas);
+    let autoscalers = crate::hpa::with_scaled_objects(hpas, &scaled_objects);
+    autoscaler_problems.splice(0..0, crate::hpa::problems(sp.spec.scaling.is_some(), &autoscalers));
+    // One KEDA has not acted on yet is looked at again when its grace ends.
+    let keda_recheck = scaled_objects
+        .iter()
+        .filter(|so| so.ready.is_none() && so.age_seconds < crate::hpa::KEDA_GRACE_SECONDS)
+        .map(|so| Duration::from_secs((crate::hpa::KEDA_GRACE_SECONDS - so.age_seconds).max(0) as u64 + 1))
+        .min();
 
     let live = ctx.stores.deployments.get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns));
     let current = live.as_ref().and_then(|d| d.spec.replicas).unwrap_or(0);
@@ -206,7 +225,7 @@ async fn reconcile_processor(sp: &StreamProcessor, ctx: &Context) -> Result<Acti
     step(ctx, "report", report::report(ctx, sp, live.as_deref(), None, &replicas.problems, current, Some(&replicas)))
         .await?;
 
-    Ok(Action::requeue(replicas.requeue))
+    Ok(Action::requeue(keda_recheck.map_or(replicas.requeue, |k| k.min(replicas.requeue))))
 }
 
 /// Requeue failed reconciles with backoff by error class.
