@@ -696,7 +696,12 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()> + Send + 
     };
     // Every run starts from an empty cluster: a previous run's etcd on the
     // same state folder would bring back its helm release, workers and Events.
-    if let Some(data) = opts.state_dir.as_ref().map(|d| d.join("etcd/data")).filter(|d| d.exists()) {
+    if let Some(data) = opts
+        .state_dir
+        .as_ref()
+        .map(|d| crate::components::etcd::data_dir(&d.join(crate::components::etcd::NAME)))
+        .filter(|d| d.exists())
+    {
         std::fs::remove_dir_all(&data).map_err(io(format!("removing the previous run's {}", data.display())))?;
     }
     let cluster_opts = ClusterOptions {

@@ -22,11 +22,12 @@ pub enum E2eCluster {
 }
 
 impl E2eCluster {
-    /// `SLUICE_E2E_KUBECONFIG` if set, else `Cluster::start(opts)`.
-    pub async fn connect(opts: ClusterOptions) -> Result<Self, ClusterError> {
+    /// `SLUICE_E2E_KUBECONFIG` if set, else `Cluster::start(opts())` (the
+    /// options are made only for a local cluster: they may build images).
+    pub async fn connect(opts: impl FnOnce() -> ClusterOptions) -> Result<Self, ClusterError> {
         match std::env::var_os(KUBECONFIG_ENV) {
             Some(path) if !path.is_empty() => Ok(E2eCluster::External { kubeconfig: PathBuf::from(path) }),
-            _ => Ok(E2eCluster::Local(Box::new(Cluster::start(opts).await?))),
+            _ => Ok(E2eCluster::Local(Box::new(Cluster::start(opts()).await?))),
         }
     }
 

@@ -183,6 +183,21 @@ pub fn scaled_objects_targeting<'a>(
     found
 }
 
+/// Has KEDA made the HPA of `so`?
+fn has_hpa(so: &ScaledObjectView, hpas: &[ExternalAutoscaler]) -> bool {
+    hpas.iter().any(|h| h.hpa == so.hpa)
+}
+
+/// When to look again at ScaledObjects KEDA has not acted on yet: a second
+/// after the youngest one's grace ends (None when none is waiting).
+pub fn recheck_after(scaled_objects: &[ScaledObjectView]) -> Option<std::time::Duration> {
+    scaled_objects
+        .iter()
+        .filter(|so| so.ready.is_none() && so.age_seconds < KEDA_GRACE_SECONDS)
+        .map(|so| std::time::Duration::from_secs((KEDA_GRACE_SECONDS - so.age_seconds) as u64 + 1))
+        .min()
+}
+
 /// The autoscalers of a processor: its HPAs, and the ScaledObjects whose
 /// HPA KEDA has not made (yet, or at all), which intend to scale it all the
 /// same (a conflict with spec.scaling, or with another HPA, either way).
@@ -191,7 +206,7 @@ pub fn with_scaled_objects(
     scaled_objects: &[ScaledObjectView],
 ) -> Vec<ExternalAutoscaler> {
     for so in scaled_objects {
-        if hpas.iter().any(|h| h.hpa == so.hpa) {
+        if has_hpa(so, &hpas) {
             continue;
         }
         hpas.push(ExternalAutoscaler {
@@ -219,7 +234,7 @@ pub fn scaled_object_problems(
     if builtin_scaling {
         return out;
     }
-    for so in scaled_objects.iter().filter(|so| !hpas.iter().any(|h| h.hpa == so.hpa)) {
+    for so in scaled_objects.iter().filter(|so| !has_hpa(so, hpas)) {
         match &so.ready {
             Some((status, reason, message)) if status == "False" => out.push(Problem {
                 reason: AUTOSCALER_FAILING,

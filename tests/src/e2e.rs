@@ -61,28 +61,30 @@ pub fn project_image() -> PathBuf {
     image::build(&spec, &sluice_dev::host::cache_root()).unwrap_or_else(|e| panic!("building the project image: {e}"))
 }
 
+fn local_options() -> ClusterOptions {
+    ClusterOptions { images: vec![project_image()], ..ClusterOptions::default() }
+}
+
+fn cannot_start(e: impl std::fmt::Display) -> ! {
+    panic!(
+        "could not start the sluice-dev cluster: {e}\n(build it with `bash dev/scripts/build-cluster.sh`, run as root)"
+    )
+}
+
 /// A fresh local sluice-dev cluster with the project's image loaded.
 pub async fn start_local_cluster() -> Cluster {
-    let opts = ClusterOptions { images: vec![project_image()], ..ClusterOptions::default() };
-    Cluster::start(opts).await.unwrap_or_else(|e| {
-        panic!("could not start the sluice-dev cluster: {e}\n(build it with `bash dev/scripts/build-cluster.sh`, run as root)")
-    })
+    Cluster::start(local_options()).await.unwrap_or_else(|e| cannot_start(e))
 }
 
 /// The cluster of a suite that can run anywhere: the one
 /// `SLUICE_E2E_KUBECONFIG` names (with the project's image, [`IMAGE`],
 /// loaded there and `SLUICE_E2E_HOST_IP` set), else a fresh local one.
 pub async fn start_cluster() -> E2eCluster {
-    match std::env::var_os(sluice_dev::e2e::KUBECONFIG_ENV) {
-        Some(path) if !path.is_empty() => {
-            eprintln!(
-                "e2e against the cluster of {} (image {IMAGE} must be loaded there)",
-                PathBuf::from(&path).display()
-            );
-            E2eCluster::External { kubeconfig: PathBuf::from(path) }
-        }
-        _ => E2eCluster::Local(Box::new(start_local_cluster().await)),
+    let cluster = E2eCluster::connect(local_options).await.unwrap_or_else(|e| cannot_start(e));
+    if let E2eCluster::External { kubeconfig } = &cluster {
+        eprintln!("e2e against the cluster of {} (image {IMAGE} must be loaded there)", kubeconfig.display());
     }
+    cluster
 }
 
 /// What [`diagnose`] needs of a cluster.

@@ -316,12 +316,17 @@ struct Clicks {
     total: usize,
 }
 
-async fn publish_clicks(nats: &Nats) -> Clicks {
+/// JetStream as the user the example's Secret names.
+async fn clicks_jetstream(nats: &Nats) -> async_nats::jetstream::Context {
     let client = async_nats::ConnectOptions::with_user_and_password("clicks".into(), "clicks-secret".into())
         .connect(nats.url())
         .await
         .expect("connect to nats");
-    let js = async_nats::jetstream::new(client);
+    async_nats::jetstream::new(client)
+}
+
+async fn publish_clicks(nats: &Nats) -> Clicks {
+    let js = clicks_jetstream(nats).await;
     for (name, subject) in [("CLICKS", "clicks.raw.>"), ("CLEAN", "clicks.clean")] {
         js.create_stream(async_nats::jetstream::stream::Config {
             name: name.into(),
@@ -352,11 +357,7 @@ async fn publish_clicks(nats: &Nats) -> Clicks {
 }
 
 async fn check_clicks(cluster: &E2eCluster, nats: &Nats, clicks: &Clicks) {
-    let client = async_nats::ConnectOptions::with_user_and_password("clicks".into(), "clicks-secret".into())
-        .connect(nats.url())
-        .await
-        .expect("connect to nats");
-    let js = async_nats::jetstream::new(client);
+    let js = clicks_jetstream(nats).await;
     let stored = eventually_on(cluster, "every human click in CLEAN", DEADLINE, || async {
         let mut stream = js.get_stream("CLEAN").await.ok()?;
         let n = stream.info().await.ok()?.state.messages;

@@ -207,39 +207,43 @@ pub fn kafka_topics(spec: &StreamProcessorSpec) -> Vec<TopicPlan> {
     out
 }
 
-/// Creates `plan.topic` unless it exists; true when it created it.
+/// Creates `plan.topic` unless it exists; true when it created it. The
+/// source topic's partition count is looked up only for a topic to create:
+/// the check that repeats every minute is one metadata call.
 async fn provision(plan: &TopicPlan) -> Result<bool, String> {
-    let plan = plan.clone();
-    // rdkafka's metadata call blocks; the admin call is async.
-    let env = |v: &str| std::env::var(v).ok();
-    let config = client_config(&plan.brokers, plan.auth.as_ref(), plan.place, plan.field, &env)?;
-    let (exists, partitions) = {
-        let plan = plan.clone();
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || -> Result<(bool, i32), String> {
-            let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
-            let timeout = Duration::from_secs(5);
-            let md = consumer.fetch_metadata(Some(&plan.topic), timeout).map_err(|e| e.to_string())?;
-            let exists = md.topics().iter().any(|t| t.name() == plan.topic && t.error().is_none());
-            let mut partitions = plan.partitions.max(1);
-            if plan.partitions == 0
-                && let Some((brokers, topic, auth)) = &plan.source
-            {
-                let config = client_config(brokers, auth.as_ref(), "SOURCE", "spec.source.kafka", &env)?;
-                let c: BaseConsumer = config.create().map_err(|e| e.to_string())?;
-                let md = c.fetch_metadata(Some(topic), timeout).map_err(|e| e.to_string())?;
-                let n = md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len());
-                partitions = i32::try_from(n).unwrap_or(1).max(1);
-            }
-            Ok((exists, partitions))
-        })
+    // rdkafka's metadata calls block; the admin call is async.
+    let metadata =
+        |brokers: Vec<String>, auth: Option<KafkaAuth>, place: &'static str, field: &'static str, topic: String| {
+            tokio::task::spawn_blocking(move || -> Result<Option<usize>, String> {
+                let env = |v: &str| std::env::var(v).ok();
+                let consumer: BaseConsumer =
+                    client_config(&brokers, auth.as_ref(), place, field, &env)?.create().map_err(|e| e.to_string())?;
+                let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)).map_err(|e| e.to_string())?;
+                Ok(md.topics().iter().find(|t| t.name() == topic && t.error().is_none()).map(|t| t.partitions().len()))
+            })
+        };
+    let exists = metadata(plan.brokers.clone(), plan.auth.clone(), plan.place, plan.field, plan.topic.clone())
         .await
         .map_err(|e| e.to_string())??
-    };
+        .is_some();
     if exists {
         return Ok(false);
     }
-    let admin: AdminClient<DefaultClientContext> = config.create().map_err(|e| e.to_string())?;
+    let mut partitions = plan.partitions.max(1);
+    if plan.partitions == 0
+        && let Some((brokers, topic, auth)) = &plan.source
+    {
+        let n = metadata(brokers.clone(), auth.clone(), "SOURCE", "spec.source.kafka", topic.clone())
+            .await
+            .map_err(|e| e.to_string())??
+            .unwrap_or(0);
+        partitions = i32::try_from(n).unwrap_or(1).max(1);
+    }
+    let env = |v: &str| std::env::var(v).ok();
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(&plan.brokers, plan.auth.as_ref(), plan.place, plan.field, &env)?
+            .create()
+            .map_err(|e| e.to_string())?;
     let topic = NewTopic::new(&plan.topic, partitions, TopicReplication::Fixed(-1));
     let results = admin.create_topics([&topic], &AdminOptions::new()).await.map_err(|e| e.to_string())?;
     match results.into_iter().next() {

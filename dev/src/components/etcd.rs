@@ -7,13 +7,18 @@ use crate::config::ClusterConfig;
 
 pub const NAME: &str = "etcd";
 
+/// Where etcd keeps its data, inside its component folder.
+pub fn data_dir(component_dir: &std::path::Path) -> std::path::PathBuf {
+    component_dir.join("data")
+}
+
 pub fn build(c: &ClusterConfig) -> Component {
     let client = format!("http://127.0.0.1:{}", c.ports.etcd_client);
     let peer = format!("http://127.0.0.1:{}", c.ports.etcd_peer);
     let dir = c.component_dir(NAME);
     let mut comp = Component::new(NAME, c.bin("etcd"), dir.clone())
         .flag("name", &c.node_name)
-        .flag("data-dir", dir.join("data").display())
+        .flag("data-dir", data_dir(&dir).display())
         .flag("listen-client-urls", &client)
         .flag("advertise-client-urls", &client)
         .flag("listen-peer-urls", &peer)

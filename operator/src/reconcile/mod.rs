@@ -185,15 +185,12 @@ async fn reconcile_processor(sp: &StreamProcessor, ctx: &Context) -> Result<Acti
         &name,
         k8s_openapi::jiff::Timestamp::now(),
     );
-    let mut autoscaler_problems = crate::hpa::scaled_object_problems(sp.spec.scaling.is_some(), &scaled_objects, &hpas);
+    let keda_problems = crate::hpa::scaled_object_problems(sp.spec.scaling.is_some(), &scaled_objects, &hpas);
     let autoscalers = crate::hpa::with_scaled_objects(hpas, &scaled_objects);
-    autoscaler_problems.splice(0..0, crate::hpa::problems(sp.spec.scaling.is_some(), &autoscalers));
+    let mut autoscaler_problems = crate::hpa::problems(sp.spec.scaling.is_some(), &autoscalers);
+    autoscaler_problems.extend(keda_problems);
     // One KEDA has not acted on yet is looked at again when its grace ends.
-    let keda_recheck = scaled_objects
-        .iter()
-        .filter(|so| so.ready.is_none() && so.age_seconds < crate::hpa::KEDA_GRACE_SECONDS)
-        .map(|so| Duration::from_secs((crate::hpa::KEDA_GRACE_SECONDS - so.age_seconds).max(0) as u64 + 1))
-        .min();
+    let keda_recheck = crate::hpa::recheck_after(&scaled_objects);
 
     let live = ctx.stores.deployments.get(&kube::runtime::reflector::ObjectRef::new(&name).within(&ns));
     let current = live.as_ref().and_then(|d| d.spec.replicas).unwrap_or(0);

@@ -63,10 +63,13 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     prev.0
 }
 
-fn reconcile_buckets(metrics: &str) -> Vec<(f64, f64)> {
+/// The cumulative buckets `(le, count)` of histogram `name` on the lines
+/// carrying `label`, in order of `le`.
+fn buckets(metrics: &str, name: &str, label: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket");
     let mut buckets: Vec<(f64, f64)> = metrics
         .lines()
-        .filter(|l| l.starts_with("sluice_operator_reconcile_duration_seconds_bucket") && l.contains("outcome=\"ok\""))
+        .filter(|l| l.starts_with(&prefix) && l.contains(label))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
             let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
@@ -76,6 +79,10 @@ fn reconcile_buckets(metrics: &str) -> Vec<(f64, f64)> {
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     buckets
+}
+
+fn reconcile_buckets(metrics: &str) -> Vec<(f64, f64)> {
+    buckets(metrics, "sluice_operator_reconcile_duration_seconds", "outcome=\"ok\"")
 }
 
 async fn scrape(port: u16) -> String {
@@ -84,19 +91,7 @@ async fn scrape(port: u16) -> String {
 }
 
 fn step_buckets(metrics: &str, step: &str) -> Vec<(f64, f64)> {
-    let label = format!("step=\"{step}\"");
-    let mut buckets: Vec<(f64, f64)> = metrics
-        .lines()
-        .filter(|l| l.starts_with("sluice_operator_reconcile_step_seconds_bucket") && l.contains(&label))
-        .filter_map(|l| {
-            let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-            let count: f64 = l.rsplit(' ').next()?.parse().ok()?;
-            Some((le, count))
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    buckets
+    buckets(metrics, "sluice_operator_reconcile_step_seconds", &format!("step=\"{step}\""))
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -121,12 +116,16 @@ fn machine_cpu_seconds() -> (f64, f64) {
 }
 
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    // Asked once: CPU samples are taken in the poll loop.
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// One completed request from the API server's audit log, with the server's

@@ -85,12 +85,8 @@ impl NatsProbe {
         };
         let options = if self.tls {
             let client = c.client_cert_pem.as_deref().zip(c.client_key_pem.as_deref());
-            let config = crate::source::nats::tls_client_config(c.ca_pem.as_deref(), client, TLS_FIELD)
-                .map_err(|detail| ProbeError::Config { field: TLS_FIELD.into(), detail })?;
-            match config {
-                Some(config) => options.require_tls(true).tls_client_config(config),
-                None => options.require_tls(true),
-            }
+            crate::source::nats::with_tls(options, c.ca_pem.as_deref(), client, TLS_FIELD)
+                .map_err(|detail| ProbeError::Config { field: TLS_FIELD.into(), detail })?
         } else {
             options
         };

@@ -75,16 +75,12 @@ pub fn connect_options(
                 Some(_) => Some((get("TLS_CERT")?, get("TLS_KEY")?)),
                 None => None,
             };
-            let config = tls_client_config(
+            with_tls(
+                options,
                 ca.as_deref(),
                 client.as_ref().map(|(c, k)| (c.as_str(), k.as_str())),
                 &format!("{field}.auth.tls"),
-            )?;
-            let options = options.require_tls(true);
-            match config {
-                Some(config) => options.tls_client_config(config),
-                None => options,
-            }
+            )?
         }
         None => options,
     };
@@ -93,6 +89,21 @@ pub fn connect_options(
         .request_timeout(Some(Duration::from_secs(10)))
         .retry_on_initial_connect()
         .max_reconnects(None))
+}
+
+/// `options` that require TLS, trusting `ca_pem` and presenting `client`
+/// ([`tls_client_config`]; the system roots without a CA).
+pub fn with_tls(
+    options: ConnectOptions,
+    ca_pem: Option<&str>,
+    client: Option<(&str, &str)>,
+    field: &str,
+) -> Result<ConnectOptions, String> {
+    let options = options.require_tls(true);
+    Ok(match tls_client_config(ca_pem, client, field)? {
+        Some(config) => options.tls_client_config(config),
+        None => options,
+    })
 }
 
 /// A rustls configuration trusting `ca_pem` (PEM, one or more certificates)
