@@ -12,12 +12,15 @@
 //! SLUICE_LEASE_NAME unset (a local run: one process): the tasks just run
 //! ```
 //!
-//! The task today: provisioning. The Kafka sink's topic and the Kafka
-//! dead-letter topic are created when missing (partitions: the source
-//! topic's count for Kafka sources, so keys keep their partition; else 1),
-//! and looked at again every `RECHECK`. Creating a topic is idempotent on
-//! the broker, but one creator avoids N pods racing to create it with
-//! different settings on start and gives one place that logs it.
+//! The tasks, run side by side and stopped together:
+//! - provisioning: the Kafka sink's topic and the Kafka dead-letter topic
+//!   are created when missing (partitions: the source topic's count for
+//!   Kafka sources, so keys keep their partition; else 1), and looked at
+//!   again every `RECHECK`. Creating a topic is idempotent on the broker,
+//!   but one creator avoids N pods racing to create it with different
+//!   settings on start and gives one place that logs it.
+//! - the state janitor (`janitor`): deletes Redis state snapshots no
+//!   pipeline can read any more.
 
 use std::{sync::Arc, time::Duration};
 
@@ -31,7 +34,7 @@ use rdkafka::{
 use sluice_crds::{KafkaAuth, StreamProcessorSpec};
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics::Metrics, source::kafka::client_config};
+use crate::{janitor, metrics::Metrics, source::kafka::client_config};
 
 /// Lease timing: held for `DURATION`, renewed well before it runs out, and
 /// reported lost `GRACE` before expiry so that the tasks stop in time.
@@ -62,23 +65,28 @@ impl LeaseConfig {
     }
 }
 
+/// What the singleton tasks work on: the spec, and the processor's
+/// `<namespace>/<name>` (state keys and consumer names derive from it).
+#[derive(Clone)]
+pub struct Processor {
+    pub name: String,
+    pub spec: Arc<StreamProcessorSpec>,
+    pub metrics: Metrics,
+}
+
 /// Runs the singleton tasks while this worker holds the Lease (or always,
 /// without one) until `shutdown`, then releases the Lease.
-pub async fn run(
-    lease: Option<LeaseConfig>,
-    spec: Arc<StreamProcessorSpec>,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-) {
+pub async fn run(lease: Option<LeaseConfig>, processor: Processor, shutdown: CancellationToken) {
+    let metrics = &processor.metrics;
     let Some(lease) = lease else {
         tracing::info!("no SLUICE_LEASE_NAME: this worker runs the singleton tasks itself");
         metrics.leader.set(1);
-        singleton_tasks(&spec, shutdown.clone()).await;
+        singleton_tasks(&processor, shutdown.clone()).await;
         metrics.leader.set(0);
         return;
     };
     loop {
-        match lead(&lease, &spec, &metrics, &shutdown).await {
+        match lead(&lease, &processor, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(lease = %lease.name, error = %e, "cannot take part in leader election; singleton tasks wait; retrying in 10 s");
@@ -91,12 +99,8 @@ pub async fn run(
     }
 }
 
-async fn lead(
-    lease: &LeaseConfig,
-    spec: &StreamProcessorSpec,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-) -> Result<(), String> {
+async fn lead(lease: &LeaseConfig, processor: &Processor, shutdown: &CancellationToken) -> Result<(), String> {
+    let metrics = &processor.metrics;
     let client = kube::Client::try_default().await.map_err(|e| format!("no Kubernetes API client: {e}"))?;
     let manager = LeaseManagerBuilder::new(client, &lease.name)
         .with_namespace(&lease.namespace)
@@ -115,7 +119,7 @@ async fn lead(
         tracing::info!(lease = %lease.name, identity = %lease.identity, "holding the Lease: singleton tasks started");
         metrics.leader.set(1);
         let stop = shutdown.child_token();
-        let tasks = singleton_tasks(spec, stop.clone());
+        let tasks = singleton_tasks(processor, stop.clone());
         let mut lost = leading.clone();
         tokio::select! {
             () = tasks => {}
@@ -142,7 +146,17 @@ async fn lead(
 }
 
 /// Every singleton task, until `stop`.
-async fn singleton_tasks(spec: &StreamProcessorSpec, stop: CancellationToken) {
+async fn singleton_tasks(processor: &Processor, stop: CancellationToken) {
+    let spec = &processor.spec;
+    tokio::join!(
+        provisioning(spec, stop.clone()),
+        janitor::run(spec, &processor.name, &processor.metrics, stop.clone()),
+    );
+}
+
+/// Creates the Kafka topics the processor writes to, and looks again every
+/// `RECHECK`, until `stop`.
+async fn provisioning(spec: &StreamProcessorSpec, stop: CancellationToken) {
     let topics = kafka_topics(spec);
     if topics.is_empty() {
         stop.cancelled().await;

@@ -15,6 +15,7 @@ pub mod deadletter;
 pub mod delivery;
 pub mod expr;
 pub mod http;
+pub mod janitor;
 pub mod leader;
 pub mod message;
 pub mod metrics;

@@ -303,8 +303,11 @@ async fn run(
     let leader = (output.is_none() && dead_letter.is_none()).then(|| {
         tokio::spawn(sluice_worker::leader::run(
             sluice_worker::leader::LeaseConfig::from_env(),
-            Arc::new(spec.clone()),
-            metrics.clone(),
+            sluice_worker::leader::Processor {
+                name: cfg.processor.clone(),
+                spec: Arc::new(spec.clone()),
+                metrics: metrics.clone(),
+            },
             leader_stop.clone(),
         ))
     });

@@ -19,6 +19,8 @@ pub const POOL_QUEUE_DEPTH: &str = "sluice_pool_queue_depth";
 pub const DELIVERED: &str = "sluice_records_delivered_total";
 pub const COMMITS: &str = "sluice_offset_commits_total";
 pub const LEADER: &str = "sluice_worker_leader";
+pub const STATE_JANITOR_DELETED: &str = "sluice_state_janitor_deleted_total";
+pub const REDRIVEN: &str = "sluice_dead_letters_redriven_total";
 
 /// Outcomes of `PROCESSED`.
 pub const OUTCOMES: [&str; 5] = ["delivered", "filtered", "duplicate", "windowed", "dead_lettered"];
@@ -40,6 +42,10 @@ pub struct Metrics {
     pub commits: IntCounter,
     /// 1 while this worker holds the Lease and runs the singleton tasks.
     pub leader: IntGauge,
+    /// State snapshots the janitor deleted, by reason (`janitor::REASONS`).
+    pub janitor_deleted: IntCounterVec,
+    /// Dead letters republished to the source by a redrive.
+    pub redriven: IntCounter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +75,11 @@ impl Metrics {
             delivered: IntCounter::new(DELIVERED, "Records the sink confirmed")?,
             commits: IntCounter::new(COMMITS, "Source position commits")?,
             leader: IntGauge::new(LEADER, "1 while this worker holds the leader Lease and runs the singleton tasks")?,
+            janitor_deleted: IntCounterVec::new(
+                Opts::new(STATE_JANITOR_DELETED, "Orphaned state snapshots the leader's janitor deleted, by reason"),
+                &["reason"],
+            )?,
+            redriven: IntCounter::new(REDRIVEN, "Dead letters a redrive republished to the source")?,
             registry,
         };
         m.registry.register(Box::new(m.consumed.clone()))?;
@@ -82,6 +93,11 @@ impl Metrics {
         m.registry.register(Box::new(m.delivered.clone()))?;
         m.registry.register(Box::new(m.commits.clone()))?;
         m.registry.register(Box::new(m.leader.clone()))?;
+        m.registry.register(Box::new(m.janitor_deleted.clone()))?;
+        m.registry.register(Box::new(m.redriven.clone()))?;
+        for r in crate::janitor::REASONS {
+            m.janitor_deleted.with_label_values(&[r]);
+        }
         // Make every bounded label visible at 0 from the start.
         for o in OUTCOMES {
             m.processed.with_label_values(&[o]);

@@ -74,6 +74,32 @@ impl StateKeys {
     pub fn partition_prefix(&self, partition: i32) -> String {
         format!("sluice:{}:p{}:", self.processor, partition)
     }
+
+    /// A `SCAN MATCH` pattern for every snapshot key of this processor (glob
+    /// characters in the processor's name escaped, so that it matches only
+    /// this processor's keys).
+    pub fn snapshot_pattern(&self) -> String {
+        let mut escaped = String::with_capacity(self.processor.len());
+        for c in self.processor.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                escaped.push('\\');
+            }
+            escaped.push(c);
+        }
+        format!("sluice:{escaped}:p*:step*")
+    }
+
+    /// (partition, step) of one of this processor's snapshot keys; `None`
+    /// for any other key (another processor's, or not a snapshot).
+    pub fn parse_snapshot(&self, key: &str) -> Option<(i32, usize)> {
+        let rest = key.strip_prefix("sluice:")?.strip_prefix(self.processor.as_str())?.strip_prefix(":p")?;
+        let (partition, step) = rest.split_once(":step")?;
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(partition) || !digits(step) {
+            return None;
+        }
+        Some((partition.parse().ok()?, step.parse().ok()?))
+    }
 }
 
 #[cfg(test)]
@@ -86,5 +112,25 @@ mod tests {
         assert_eq!(k.snapshot(3, 2), "sluice:shop/orders:p3:step2");
         assert!(k.snapshot(3, 2).starts_with(&k.partition_prefix(3)));
         assert!(!k.snapshot(13, 2).starts_with(&k.partition_prefix(1)));
+    }
+
+    #[test]
+    fn snapshot_keys_parse_back_and_nothing_else_does() {
+        let k = StateKeys::new("shop/orders");
+        assert_eq!(k.parse_snapshot(&k.snapshot(3, 2)), Some((3, 2)));
+        assert_eq!(k.parse_snapshot(&k.snapshot(0, 17)), Some((0, 17)));
+        for other in [
+            "sluice:shop/orders-eu:p3:step2",
+            "sluice:shop/order:p3:step2",
+            "sluice:dedupe:{out}:abc",
+            "sluice:shop/orders:p3:step2:x",
+            "sluice:shop/orders:p-1:step2",
+            "sluice:shop/orders:p3:step",
+            "sluice:shop/orders:px:step2",
+        ] {
+            assert_eq!(k.parse_snapshot(other), None, "{other}");
+        }
+        assert_eq!(k.snapshot_pattern(), "sluice:shop/orders:p*:step*");
+        assert_eq!(StateKeys::new("a/b*[c]").snapshot_pattern(), r"sluice:a/b\*\[c\]:p*:step*");
     }
 }
