@@ -454,3 +454,56 @@ fn exactly_once_kill_9_mid_transaction_read_committed_sees_each_input_once() {
         assert_eq!(committed.len() as u64, N);
     });
 }
+
+/// Under exactly-once a record the broker refuses would abort the whole
+/// transaction (librdkafka allows nothing else), and the restarted worker
+/// would meet it again: a crash loop on one record. The transactional sink
+/// reads the topic's limit and refuses such records before producing them.
+#[test]
+fn exactly_once_dead_letters_records_too_large_for_the_topic_without_aborting() {
+    let kafka = Kafka::start();
+    kafka.create_topic("in", 4).expect("topic");
+    kafka.create_topic_with("out", 4, &[("max.message.bytes", "100000")]).expect("topic");
+    kafka.create_topic("dlq", 1).expect("topic");
+    const N: u64 = 20_000;
+    // Every 1000th id (from 500) is 150 kB: under the producer's limit
+    // (1 MB), over the topic's, so only the broker would refuse it.
+    let big = |id: u64| id % 1000 == 500;
+    let records: Vec<_> = (0..N)
+        .map(|id| {
+            let key = format!("k{}", id % KEYS);
+            let mut v = json!({"id": id, "key": key, "seq": id / KEYS, "type": "order", "amount": id % 1000});
+            if big(id) {
+                v["pad"] = json!(incompressible(id, 150_000));
+            }
+            (Some(key), serde_json::to_vec(&v).expect("json"))
+        })
+        .collect();
+    kafka.produce("in", records).expect("produce");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(&kafka, "in", "out", "dlq", "eos-refused");
+    s["delivery"] = json!("exactlyOnce");
+    s["deadLetter"]["maxRetries"] = json!(1);
+    let spec = write_spec(dir.path(), &s);
+    let mut worker = Worker::start_kafka(&spec, dir.path().join("worker.log"));
+    let refused: HashSet<u64> = (0..N).filter(|id| big(*id)).collect();
+    let out = wait_for_ids_in(&kafka, "out", "read_committed", (N as usize) - refused.len(), &mut worker);
+    let dead = kafka
+        .read_topic("dlq", "read_uncommitted", STREAM_DEADLINE, |r| ids(r).len() >= refused.len())
+        .expect("read dead letters");
+    worker.assert_running();
+
+    let out_ids = ids(&out);
+    assert_eq!(out.len(), out_ids.len(), "read_committed sees each record once");
+    assert!(out_ids.is_disjoint(&refused), "no refused record in the output");
+    assert_eq!(out_ids.len() as u64, N - refused.len() as u64, "every other record is in the output");
+    assert_eq!(ids(&dead), refused, "exactly the refused records are in the dead-letter topic");
+    for d in &dead {
+        assert_eq!(d.header("sluice-reason"), Some("sink_rejected"), "{:?}", d.header("sluice-error"));
+        let error = d.header("sluice-error").unwrap_or_default();
+        assert!(error.contains("max.message.bytes of 100000"), "the error names the topic's limit: {error}");
+    }
+    let log = std::fs::read_to_string(dir.path().join("worker.log")).expect("worker log");
+    assert!(!log.contains("transaction aborted"), "no transaction was aborted:\n{log}");
+}

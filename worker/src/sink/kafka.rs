@@ -84,6 +84,91 @@ pub struct Transaction {
     producer: FutureProducer,
     pub transactional_id: String,
     state: Mutex<TxnState>,
+    /// What the output topic accepts, read when the producer was made.
+    limits: TopicLimits,
+}
+
+/// What an output topic accepts, from the broker (DescribeConfigs), for the
+/// exactly-once sink. Inside a transaction librdkafka cannot drop one record
+/// the broker refuses: the whole transaction must abort, the worker rewinds
+/// by restarting, and meets the same record again, for ever. So the
+/// transactional sink refuses such records itself before producing them
+/// (they are dead-lettered like any refused record) and keeps librdkafka's
+/// batches under the topic's limit. At-least-once sinks need none of this:
+/// the broker's own refusal is dead-lettered there.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TopicLimits {
+    /// The topic's `max.message.bytes` (the largest record batch it takes).
+    pub max_message_bytes: Option<usize>,
+    /// `cleanup.policy` includes compact: every record needs a key.
+    pub compacted: bool,
+}
+
+/// The size of a record batch holding just this record, an upper bound:
+/// the v2 batch header (61 bytes) and every varint at its longest, not
+/// compressed. Under compression the broker checks the compressed batch,
+/// so this can refuse a record that would have compressed under the limit;
+/// it never lets one through that the broker refuses for its size.
+pub fn single_record_batch_bytes(key: usize, value: usize, headers: &[(String, Vec<u8>)]) -> usize {
+    const BATCH_HEADER: usize = 61;
+    // length, attributes, timestamp delta, offset delta, key length, value length, header count
+    const RECORD_FIXED: usize = 5 + 1 + 10 + 5 + 5 + 5 + 5;
+    let headers: usize = headers.iter().map(|(k, v)| 5 + k.len() + 5 + v.len()).sum();
+    BATCH_HEADER + RECORD_FIXED + key + value + headers
+}
+
+impl TopicLimits {
+    /// Why the topic would refuse this record, if it would.
+    pub fn refusal(&self, key: Option<&[u8]>, value: usize, headers: &[(String, Vec<u8>)]) -> Option<String> {
+        if self.compacted && key.is_none() {
+            return Some(
+                "the topic is compacted (cleanup.policy=compact) and the record has no key; set spec.sink.kafka.key"
+                    .into(),
+            );
+        }
+        let limit = self.max_message_bytes?;
+        let size = single_record_batch_bytes(key.map_or(0, <[u8]>::len), value, headers);
+        (size > limit).then(|| {
+            format!(
+                "the record is too large for the topic: {size} bytes with its framing (uncompressed), over the topic's max.message.bytes of {limit}; refused before producing, as a broker refusal would abort the exactly-once transaction"
+            )
+        })
+    }
+
+    fn from_config(max_message_bytes: Option<&str>, cleanup_policy: Option<&str>) -> Self {
+        Self {
+            max_message_bytes: max_message_bytes.and_then(|v| v.trim().parse().ok()),
+            compacted: cleanup_policy.is_some_and(|p| p.split(',').any(|p| p.trim() == "compact")),
+        }
+    }
+}
+
+/// Reads `topic`'s limits from the broker; unknown (the topic does not exist
+/// yet, or the login may not describe it) gives the defaults, with a log line.
+fn topic_limits(config: &rdkafka::ClientConfig, topic: &str) -> TopicLimits {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let lookup = || -> Result<TopicLimits, String> {
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = config.create().map_err(|e| e.to_string())?;
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let specifier = ResourceSpecifier::Topic(topic);
+        let results = tokio::runtime::Handle::current()
+            .block_on(admin.describe_configs([&specifier], &opts))
+            .map_err(|e| e.to_string())?;
+        let resource = results.into_iter().next().ok_or("no answer")?.map_err(|e| e.to_string())?;
+        let value = |name: &str| resource.get(name).and_then(|e| e.value.clone());
+        Ok(TopicLimits::from_config(value("max.message.bytes").as_deref(), value("cleanup.policy").as_deref()))
+    };
+    match tokio::task::block_in_place(lookup) {
+        Ok(limits) => {
+            tracing::info!(topic, ?limits, "exactly-once: the output topic's limits");
+            limits
+        }
+        Err(e) => {
+            tracing::warn!(topic, error = %e,
+                "exactly-once: could not read the output topic's limits; a record the broker refuses will abort transactions");
+            TopicLimits::default()
+        }
+    }
 }
 
 #[derive(Default)]
@@ -123,6 +208,14 @@ impl Transaction {
             .set("transactional.id", transactional_id)
             .set("transaction.timeout.ms", TRANSACTION_TIMEOUT.as_millis().to_string())
             .set("message.timeout.ms", TRANSACTION_TIMEOUT.as_millis().to_string());
+        let limits = topic_limits(&config, &spec.topic);
+        if let Some(limit) = limits.max_message_bytes
+            && !spec.properties.contains_key("batch.size")
+        {
+            // librdkafka's default batch (1,000,000 bytes) could exceed a
+            // smaller topic limit with records that each fit.
+            config.set("batch.size", limit.clamp(1, 1_000_000).to_string());
+        }
         let producer: FutureProducer = config.create().map_err(|e| SinkError::Config {
             field,
             detail: format!("the Kafka client rejected the transactional configuration: {e}"),
@@ -135,7 +228,7 @@ impl Transaction {
             }
         })?;
         tracing::info!(transactional_id, topic = %spec.topic, "exactly-once: transactional producer ready");
-        Ok(Arc::new(Self { producer, transactional_id: transactional_id.to_string(), state: Mutex::default() }))
+        Ok(Arc::new(Self { producer, transactional_id: transactional_id.to_string(), state: Mutex::default(), limits }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TxnState> {
@@ -332,6 +425,12 @@ impl KafkaSink {
             for (k, v) in m.headers.iter().chain(&self.extra_headers) {
                 headers = headers.insert(Header { key: k, value: Some(v) });
             }
+            if let Some(error) =
+                self.txn.as_ref().and_then(|t| t.limits.refusal(key.as_deref(), payload.len(), &m.headers))
+            {
+                rejected.push(Rejection { index, error });
+                continue;
+            }
             let mut record = FutureRecord::to(&self.topic).payload(payload.as_ref()).headers(headers);
             if let Some(k) = &key {
                 record = record.key(k.as_slice());
@@ -509,6 +608,25 @@ mod tests {
         assert_eq!((at.brokers[0].as_str(), at.auth.is_none(), at.place), ("other:9092", true, "DEADLETTER"));
         let err = endpoint(&sink(serde_json::json!({"topic": "out"})), None, "SINK", "spec.sink.kafka").unwrap_err();
         assert!(err.to_string().starts_with("spec.sink.kafka: no brokers"), "{err}");
+    }
+
+    #[test]
+    fn a_transactional_sink_refuses_what_the_topic_would() {
+        let limits = TopicLimits::from_config(Some("1000"), Some("delete"));
+        assert_eq!(limits, TopicLimits { max_message_bytes: Some(1000), compacted: false });
+        let headers = vec![("trace".to_string(), vec![0u8; 20])];
+        // 61 + 36 + key 10 + header 35 = 142 bytes besides the value: 858 of value fit, 859 do not.
+        assert_eq!(single_record_batch_bytes(10, 858, &headers), 1000);
+        assert_eq!(limits.refusal(Some(&[0; 10]), 858, &headers), None);
+        let why = limits.refusal(Some(&[0; 10]), 859, &headers).expect("refused");
+        assert!(why.contains("too large") && why.contains("max.message.bytes of 1000"), "{why}");
+
+        let compacted = TopicLimits::from_config(None, Some("compact,delete"));
+        assert!(compacted.compacted && compacted.max_message_bytes.is_none());
+        assert!(compacted.refusal(None, 10, &[]).expect("refused").contains("spec.sink.kafka.key"));
+        assert_eq!(compacted.refusal(Some(b"k"), 1 << 20, &[]), None, "no size limit known: the broker decides");
+        assert_eq!(TopicLimits::default().refusal(None, 1 << 30, &[]), None);
+        assert_eq!(TopicLimits::from_config(Some("x"), None).max_message_bytes, None);
     }
 
     #[test]
