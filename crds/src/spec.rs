@@ -684,6 +684,9 @@ pub struct StdoutSink {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("[has(self.kafka), has(self.nats), has(self.redis), has(self.stdout)].filter(x, x).size() == 1")
     .message("set exactly one of deadLetter.kafka, deadLetter.nats, deadLetter.redis, deadLetter.stdout"))]
+#[x_kube(validation = Rule::new("!has(self.redrive) || !has(self.stdout)")
+    .message("deadLetter.redrive needs a dead-letter topic or stream to read back (kafka, nats or redis), not stdout")
+    .field_path(".redrive"))]
 #[serde(rename_all = "camelCase")]
 pub struct DeadLetter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -700,6 +703,31 @@ pub struct DeadLetter {
     pub max_retries: i32,
     #[serde(default)]
     pub backoff: Backoff,
+    /// Replay the dead letters into the source once the cause is fixed.
+    /// Setting `redrive.id`, or changing it, asks for one redrive: the
+    /// leader worker reads the dead-letter topic or stream from where the
+    /// last redrive stopped up to its end at the start (so records that
+    /// fail again wait for the next redrive instead of looping), and
+    /// republishes each record to the source with its key, payload and
+    /// headers (minus the dead-letter ones, plus `sluice-redrive-id: <id>`).
+    /// A finished id is recorded on the worker Lease
+    /// (`sluice.io/redrive-done`) and never run again; a redrive cut short
+    /// by a restart is finished by the next leader. Changing this field
+    /// restarts the worker pods, like any spec change. Not for a stdout
+    /// dead-letter sink, which cannot be read back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redrive: Option<Redrive>,
+}
+
+/// One requested redrive of the dead letters.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Redrive {
+    /// Any new value asks for a redrive, e.g. a date or a ticket number;
+    /// the records it republishes carry it in the `sluice-redrive-id`
+    /// header. An id that was already done does nothing.
+    #[schemars(length(min = 1, max = 253))]
+    pub id: String,
 }
 
 fn default_max_retries() -> i32 {

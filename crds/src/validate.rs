@@ -427,6 +427,12 @@ impl StreamProcessorSpec {
                     "required unless the source is Kafka (then the source's brokers are used)",
                 );
             }
+            if dl.redrive.is_some() && self.source.generator.is_some() {
+                c.err(
+                    "spec.deadLetter.redrive",
+                    "a generator source cannot take records back; remove redrive (redrive needs a kafka, nats or redis source)",
+                );
+            }
         }
         if let Some(state) = &self.state {
             if let Some(r) = &state.redis {
@@ -460,6 +466,41 @@ impl StreamProcessorSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_redrive_needs_an_id_a_readable_dead_letter_sink_and_a_broker_source() {
+        let doc = |source: &str, dead_letter: &str| {
+            format!(
+                "apiVersion: sluice.io/v1alpha1\nkind: StreamProcessor\nmetadata: {{name: p}}\n\
+                 spec: {{source: {source}, sink: {{stdout: {{}}}}, deadLetter: {dead_letter}}}\n"
+            )
+        };
+        let redis = "{redis: {url: 'redis://r:6379', stream: in}}";
+        let ok = parse_manifest(&doc(redis, "{redis: {url: 'redis://r:6379', stream: dlq}, redrive: {id: fix-1}}"))
+            .expect("a redrive from a Redis dead-letter stream into a Redis source");
+        assert_eq!(ok.spec.dead_letter.and_then(|d| d.redrive).map(|r| r.id).as_deref(), Some("fix-1"));
+        for (source, dead_letter, path, text) in [
+            (
+                redis,
+                "{redis: {url: 'redis://r:6379', stream: dlq}, redrive: {id: ''}}",
+                "spec.deadLetter.redrive.id",
+                "",
+            ),
+            (redis, "{stdout: {}, redrive: {id: fix-1}}", "spec.deadLetter.redrive", "not stdout"),
+            (
+                "{generator: {template: {id: seq}}}",
+                "{redis: {url: 'redis://r:6379', stream: dlq}, redrive: {id: fix-1}}",
+                "spec.deadLetter.redrive",
+                "a generator source cannot take records back",
+            ),
+        ] {
+            let errors = parse_manifest(&doc(source, dead_letter)).expect_err(dead_letter);
+            assert!(
+                errors.0.iter().any(|e| e.path == path && e.message.contains(text)),
+                "{dead_letter}: expected {path}: ...{text}..., got:\n{errors}"
+            );
+        }
+    }
 
     #[test]
     fn pointer_paths_read_like_field_paths() {

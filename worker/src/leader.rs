@@ -21,6 +21,10 @@
 //!   settings on start and gives one place that logs it.
 //! - the state janitor (`janitor`): deletes Redis state snapshots no
 //!   pipeline can read any more.
+//! - dead-letter redrive (`redrive`): when `spec.deadLetter.redrive.id` is
+//!   new, replays the dead letters into the source, and records the id as
+//!   done on this Lease (annotation `sluice.io/redrive-done`). Without a
+//!   Lease there is nowhere to record it, so a local run does not redrive.
 
 use std::{sync::Arc, time::Duration};
 
@@ -34,7 +38,12 @@ use rdkafka::{
 use sluice_crds::{KafkaAuth, StreamProcessorSpec};
 use tokio_util::sync::CancellationToken;
 
-use crate::{janitor, metrics::Metrics, source::kafka::client_config};
+use crate::{
+    janitor,
+    metrics::Metrics,
+    redrive::{self, LeaseLedger, RedriveLedger},
+    source::kafka::client_config,
+};
 
 /// Lease timing: held for `DURATION`, renewed well before it runs out, and
 /// reported lost `GRACE` before expiry so that the tasks stop in time.
@@ -81,7 +90,7 @@ pub async fn run(lease: Option<LeaseConfig>, processor: Processor, shutdown: Can
     let Some(lease) = lease else {
         tracing::info!("no SLUICE_LEASE_NAME: this worker runs the singleton tasks itself");
         metrics.leader.set(1);
-        singleton_tasks(&processor, shutdown.clone()).await;
+        singleton_tasks(&processor, None, shutdown.clone()).await;
         metrics.leader.set(0);
         return;
     };
@@ -102,6 +111,7 @@ pub async fn run(lease: Option<LeaseConfig>, processor: Processor, shutdown: Can
 async fn lead(lease: &LeaseConfig, processor: &Processor, shutdown: &CancellationToken) -> Result<(), String> {
     let metrics = &processor.metrics;
     let client = kube::Client::try_default().await.map_err(|e| format!("no Kubernetes API client: {e}"))?;
+    let ledger: Arc<dyn RedriveLedger> = Arc::new(LeaseLedger::new(client.clone(), &lease.namespace, &lease.name));
     let manager = LeaseManagerBuilder::new(client, &lease.name)
         .with_namespace(&lease.namespace)
         .with_identity(&lease.identity)
@@ -119,7 +129,7 @@ async fn lead(lease: &LeaseConfig, processor: &Processor, shutdown: &Cancellatio
         tracing::info!(lease = %lease.name, identity = %lease.identity, "holding the Lease: singleton tasks started");
         metrics.leader.set(1);
         let stop = shutdown.child_token();
-        let tasks = singleton_tasks(processor, stop.clone());
+        let tasks = singleton_tasks(processor, Some(ledger.clone()), stop.clone());
         let mut lost = leading.clone();
         tokio::select! {
             () = tasks => {}
@@ -145,12 +155,14 @@ async fn lead(lease: &LeaseConfig, processor: &Processor, shutdown: &Cancellatio
     Ok(())
 }
 
-/// Every singleton task, until `stop`.
-async fn singleton_tasks(processor: &Processor, stop: CancellationToken) {
+/// Every singleton task, until `stop`. `ledger`: where a redrive is
+/// recorded as done (the Lease), if anywhere.
+async fn singleton_tasks(processor: &Processor, ledger: Option<Arc<dyn RedriveLedger>>, stop: CancellationToken) {
     let spec = &processor.spec;
     tokio::join!(
         provisioning(spec, stop.clone()),
         janitor::run(spec, &processor.name, &processor.metrics, stop.clone()),
+        redrive::run(spec, &processor.name, &processor.metrics, ledger, stop.clone()),
     );
 }
 

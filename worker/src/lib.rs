@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod pool;
 pub mod probe;
+pub mod redrive;
 pub mod retry;
 pub mod runtime;
 pub mod sink;

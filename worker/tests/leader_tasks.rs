@@ -5,15 +5,41 @@
 //! A missing broker binary fails the test with the command that installs
 //! it; nothing is skipped.
 
-use std::time::Duration;
+mod common;
 
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use common::process::WorkerProcess;
+use rdkafka::{
+    Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+};
 use redis::AsyncCommands;
-use sluice_tests::brokers::Redis;
+use serde_json::{Value, json};
+use sluice_crds::StreamProcessorSpec;
+use sluice_tests::brokers::{Kafka, KafkaRecord, Redis};
 use sluice_worker::{
     janitor::{self, Layout, Orphan},
     metrics::Metrics,
+    redrive::{self, DeadLetterReader, MemoryLedger, Outcome, RedisDeadLetters},
     state::StateKeys,
 };
+
+/// Deadline for a worker to dead-letter its poison inputs; generous for two shared cores.
+const DEADLINE: Duration = Duration::from_secs(180);
+const PROCESSOR: &str = "shop/orders";
+const DEAD_LETTER_HEADERS: [&str; 7] = [
+    "sluice-error",
+    "sluice-reason",
+    "sluice-step",
+    "sluice-partition",
+    "sluice-offset",
+    "sluice-attempt",
+    "sluice-source",
+];
 
 async fn redis_conn(url: &str) -> redis::aio::ConnectionManager {
     let client = redis::Client::open(url).expect("redis url");
@@ -66,4 +92,249 @@ async fn the_janitor_deletes_only_snapshots_no_pipeline_can_read() {
     // Idempotent: a second sweep finds nothing.
     let again = janitor::sweep(&mut conn, &keys, &layout, Duration::ZERO, None).await.expect("sweep");
     assert_eq!((again.deleted_total(), again.scanned), (0, live.len() as u64));
+}
+
+// ----------------------------------------------------------------- redrive --
+
+/// `n` good inputs and `poison` ones whose amount is not a number (the map
+/// step fails on them, so they are dead-lettered), ids from `first`.
+fn inputs(first: u64, n: u64, poison: u64) -> Vec<(Option<String>, Vec<u8>)> {
+    (first..first + n + poison)
+        .map(|id| {
+            let amount = if id < first + n { json!(id) } else { json!("not a number") };
+            let key = format!("k{}", id % 7);
+            (Some(key.clone()), serde_json::to_vec(&json!({"id": id, "key": key, "amount": amount})).expect("json"))
+        })
+        .collect()
+}
+
+fn pipeline() -> Value {
+    json!([{"map": {"set": {"double": "msg.amount * 2"}}}])
+}
+
+fn write_spec(dir: &Path, spec: &Value) -> PathBuf {
+    let path = dir.join("spec.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(spec).expect("spec json")).expect("write spec");
+    path
+}
+
+/// Runs the worker binary on `spec` until `done()` says the dead letters
+/// are out, then stops it with SIGTERM.
+fn run_worker_until(spec: &Value, dir: &Path, what: &str, mut done: impl FnMut() -> bool) {
+    let path = write_spec(dir, spec);
+    let mut worker =
+        WorkerProcess::start(&path, dir.join("worker.log"), "redrive-test", &[("LOG_LEVEL", "info,rdkafka=warn")]);
+    let start = Instant::now();
+    while !done() {
+        worker.assert_running();
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{what}: not within {DEADLINE:?}; the worker's log:\n{}",
+            worker.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = worker.terminate();
+    assert!(status.success(), "worker exited with {status}:\n{}", worker.log_tail());
+}
+
+fn with_redrive(spec: &Value, id: &str) -> StreamProcessorSpec {
+    let mut s = spec.clone();
+    s["deadLetter"]["redrive"] = json!({"id": id});
+    serde_json::from_value(s).expect("spec")
+}
+
+fn redriven_with<'a>(records: &'a [KafkaRecord], id: &str) -> Vec<&'a KafkaRecord> {
+    records.iter().filter(|r| r.header(redrive::HEADER_REDRIVE_ID) == Some(id)).collect()
+}
+
+/// The committed offsets of the redrive's group on `topic`.
+fn committed(kafka: &Kafka, group: &str, topic: &str) -> Vec<Offset> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("group.id", group)
+        .create()
+        .expect("client");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    let c = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    c.elements().iter().map(|e| e.offset()).collect()
+}
+
+/// Poison inputs are dead-lettered by the real worker; redrive `fix-1`
+/// puts them back into the source topic with their key and payload, the
+/// redrive header and none of the dead-letter headers, and leaves the
+/// redrive group at the dead-letter topic's end. The same id again does
+/// nothing. They fail again (the pipeline was not fixed), and with two new
+/// poison inputs, `fix-2` redrives exactly those 8 and no earlier one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_dead_letters_go_back_to_the_source_once_per_redrive_id() {
+    let kafka = Kafka::start();
+    for (t, p) in [("in", 2), ("out", 2), ("dlq", 1)] {
+        kafka.create_topic(t, p).expect("topic");
+    }
+    kafka.produce("in", inputs(0, 20, 6)).expect("produce");
+    let spec = json!({
+        "source": {"kafka": {"brokers": [kafka.bootstrap()], "topic": "in", "group": "orders", "startFrom": "earliest"}},
+        "pipeline": pipeline(),
+        "sink": {"kafka": {"topic": "out"}},
+        "deadLetter": {"kafka": {"topic": "dlq"}}
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dead_letters = |n: usize| {
+        kafka.read_topic("dlq", "read_uncommitted", Duration::from_secs(2), |r| r.len() >= n).expect("read dlq").len()
+    };
+    run_worker_until(&spec, dir.path(), "6 dead letters", || dead_letters(6) >= 6);
+    let dead = kafka.read_topic("dlq", "read_uncommitted", DEADLINE, |r| r.len() >= 6).expect("read dlq");
+
+    let metrics = Metrics::new(prometheus::Registry::new()).expect("metrics");
+    let ledger = MemoryLedger::default();
+    let started = Instant::now();
+    let outcome = redrive::attempt(&with_redrive(&spec, "fix-1"), PROCESSOR, "fix-1", &ledger, Some(&metrics))
+        .await
+        .expect("redrive");
+    assert_eq!(outcome, Outcome::Redriven(6), "in {:?}", started.elapsed());
+    let input = kafka.read_topic("in", "read_uncommitted", DEADLINE, |r| r.len() >= 32).expect("read in");
+    let back = redriven_with(&input, "fix-1");
+    assert_eq!(back.len(), 6, "{input:#?}");
+    for r in &back {
+        for h in DEAD_LETTER_HEADERS {
+            assert_eq!(r.header(h), None, "{h} stays behind: {r:?}");
+        }
+        assert!(
+            dead.iter().any(|d| d.payload == r.payload && d.key == r.key),
+            "redriven with its own key and payload: {r:?}"
+        );
+    }
+    let group = redrive::consumer_name(PROCESSOR);
+    assert_eq!(committed(&kafka, &group, "dlq"), vec![Offset::Offset(6)], "the redrive group is at the end");
+    assert!(metrics.render().contains("sluice_dead_letters_redriven_total 6"));
+
+    // The same id: nothing read, nothing sent.
+    let again =
+        redrive::attempt(&with_redrive(&spec, "fix-1"), PROCESSOR, "fix-1", &ledger, None).await.expect("redrive");
+    assert_eq!(again, Outcome::AlreadyDone);
+
+    // Still broken: the 6 fail again, 2 new poison inputs too.
+    kafka.produce("in", inputs(100, 0, 2)).expect("produce");
+    run_worker_until(&spec, dir.path(), "14 dead letters", || dead_letters(14) >= 14);
+    let outcome =
+        redrive::attempt(&with_redrive(&spec, "fix-2"), PROCESSOR, "fix-2", &ledger, None).await.expect("redrive");
+    assert_eq!(outcome, Outcome::Redriven(8), "only what was dead-lettered since fix-1");
+    let input = kafka.read_topic("in", "read_uncommitted", DEADLINE, |r| r.len() >= 42).expect("read in");
+    assert_eq!((redriven_with(&input, "fix-1").len(), redriven_with(&input, "fix-2").len(), input.len()), (6, 8, 42));
+    assert_eq!(committed(&kafka, &group, "dlq"), vec![Offset::Offset(14)]);
+}
+
+type Entry = (String, Vec<(String, Vec<u8>)>);
+
+async fn entries(conn: &mut redis::aio::ConnectionManager, stream: &str) -> Vec<Entry> {
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all(stream).await.expect("XRANGE");
+    reply
+        .ids
+        .into_iter()
+        .map(|e| {
+            let fields = e
+                .map
+                .iter()
+                .filter_map(|(k, v)| redis::from_redis_value_ref::<Vec<u8>>(v).ok().map(|b| (k.clone(), b)))
+                .collect();
+            (e.id, fields)
+        })
+        .collect()
+}
+
+fn field<'a>(e: &'a Entry, name: &str) -> Option<&'a [u8]> {
+    e.1.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
+}
+
+async fn xlen(conn: &mut redis::aio::ConnectionManager, stream: &str) -> usize {
+    conn.xlen(stream).await.expect("XLEN")
+}
+
+/// The same on Redis Streams, and a leader that stops mid-redrive: one
+/// batch republished and acknowledged, the next one read but never
+/// republished; the next attempt sends exactly the rest, and the
+/// `sluice-redrive` group ends with nothing pending and no lag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dead_letters_go_back_to_the_source_once_per_redrive_id() {
+    let server = Redis::start();
+    let mut conn = redis_conn(&server.url()).await;
+    for (key, payload) in inputs(0, 10, 4) {
+        let _: String = conn
+            .xadd("in", "*", &[("key", key.unwrap_or_default().into_bytes()), ("payload", payload)])
+            .await
+            .expect("XADD");
+    }
+    let spec = json!({
+        "source": {"redis": {"url": server.url(), "stream": "in", "group": "orders", "startFrom": "earliest"}},
+        "pipeline": pipeline(),
+        "sink": {"redis": {"url": server.url(), "stream": "out"}},
+        "deadLetter": {"redis": {"url": server.url(), "stream": "dlq"}}
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = server.url();
+    let dead_letters = move |n: usize| {
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut c = client.get_connection().expect("connection");
+        redis::cmd("XLEN").arg("dlq").query::<usize>(&mut c).unwrap_or(0) >= n
+    };
+    run_worker_until(&spec, dir.path(), "4 dead letters", || dead_letters(4));
+    let dead = entries(&mut conn, "dlq").await;
+    assert_eq!(dead.len(), 4);
+
+    // A leader that republishes one, reads the next and dies.
+    let fix1 = with_redrive(&spec, "fix-1");
+    let mut reader = RedisDeadLetters::open(&fix1).await.expect("reader");
+    let mut sink = redrive::source_writer(&fix1).await.expect("writer");
+    let first: Vec<_> =
+        reader.next(1).await.expect("read").into_iter().map(|m| redrive::redriven(m, "fix-1")).collect();
+    assert_eq!(first.len(), 1);
+    sink.write(&first).await.expect("republish");
+    reader.commit().await.expect("XACK");
+    assert_eq!(reader.next(1).await.expect("read").len(), 1);
+    drop(reader);
+
+    let ledger = MemoryLedger::default();
+    let outcome = redrive::attempt(&fix1, PROCESSOR, "fix-1", &ledger, None).await.expect("redrive");
+    assert_eq!(outcome, Outcome::Redriven(3), "the rest, the one read but not republished included");
+    let input = entries(&mut conn, "in").await;
+    let back: Vec<&Entry> = input.iter().filter(|e| field(e, redrive::HEADER_REDRIVE_ID) == Some(b"fix-1")).collect();
+    assert_eq!(back.len(), 4, "each dead letter once: {input:#?}");
+    for e in &back {
+        for h in DEAD_LETTER_HEADERS.iter().chain(&["redis-id"]) {
+            assert_eq!(field(e, h), None, "{h} stays behind: {e:?}");
+        }
+        assert!(dead.iter().any(|d| field(d, "payload") == field(e, "payload") && field(d, "key") == field(e, "key")));
+    }
+    let groups: Vec<redis::Value> =
+        redis::cmd("XINFO").arg("GROUPS").arg("dlq").query_async(&mut conn).await.expect("XINFO");
+    let info = format!("{groups:?}");
+    assert!(info.contains("sluice-redrive"), "{info}");
+    let pending: redis::streams::StreamPendingReply =
+        conn.xpending("dlq", redrive::REDIS_GROUP).await.expect("XPENDING");
+    assert_eq!(pending.count(), 0, "everything acknowledged");
+
+    assert_eq!(
+        redrive::attempt(&fix1, PROCESSOR, "fix-1", &ledger, None).await.expect("redrive"),
+        Outcome::AlreadyDone
+    );
+
+    // The 4 fail again, and 2 new poison inputs.
+    for (key, payload) in inputs(100, 0, 2) {
+        let _: String = conn
+            .xadd("in", "*", &[("key", key.unwrap_or_default().into_bytes()), ("payload", payload)])
+            .await
+            .expect("XADD");
+    }
+    run_worker_until(&spec, dir.path(), "10 dead letters", || dead_letters(10));
+    let fix2 = with_redrive(&spec, "fix-2");
+    assert_eq!(
+        redrive::attempt(&fix2, PROCESSOR, "fix-2", &ledger, None).await.expect("redrive"),
+        Outcome::Redriven(6)
+    );
+    let input = entries(&mut conn, "in").await;
+    let count = |id: &[u8]| input.iter().filter(|e| field(e, redrive::HEADER_REDRIVE_ID) == Some(id)).count();
+    assert_eq!((count(b"fix-1"), count(b"fix-2"), input.len()), (4, 6, 26));
+    assert_eq!(xlen(&mut conn, "dlq").await, 10);
 }

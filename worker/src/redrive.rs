@@ -1,0 +1,859 @@
+//! Dead-letter redrive: a singleton task (see `leader`) that replays the dead
+//! letters into the processor's source once a user has fixed their cause and
+//! asked for it with `spec.deadLetter.redrive.id`.
+//!
+//! ```text
+//! redrive.id set, and not the id recorded on the Lease (sluice.io/redrive-done)
+//!   open the dead-letter topic/stream with the redrive's own position
+//!   (Kafka group sluice-redrive-<ns>-<name> | Redis group sluice-redrive |
+//!    NATS durable sluice-redrive-<ns>-<name>), and its end as it is now
+//!   loop: read a batch (never past that end)
+//!         ─> strip the dead-letter headers, add sluice-redrive-id: <id>
+//!         ─> publish to the source (same topic/stream/subject, key, payload)
+//!         ─> commit / XACK / ack the batch (only after the publish)
+//!   at the end: record <id> on the Lease annotation
+//! ```
+//!
+//! At-least-once: a leader that stops mid-redrive leaves its position at the
+//! last batch it published; the next leader sees the id is not done and goes
+//! on from there (a batch published but not committed is published again).
+//! Reading only up to the end that existed at the start is what makes a
+//! redrive finish: records that fail again are dead-lettered after that end
+//! and wait for the next redrive instead of looping.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
+};
+use rdkafka::{
+    Offset, TopicPartitionList,
+    consumer::{CommitMode, Consumer, StreamConsumer},
+    message::{Headers, Message as _},
+};
+use redis::{Value, aio::ConnectionManager};
+use sluice_crds::StreamProcessorSpec;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    deadletter::{
+        HEADER_ATTEMPT, HEADER_ERROR, HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_SOURCE, HEADER_STEP,
+    },
+    message::{Message, Payload, now_ms},
+    metrics::Metrics,
+    sink::{Sink, SinkError, kafka::KafkaSink, nats::NatsSink, redis::RedisSink},
+    source::{nats::HEADER_NATS_SEQ, redis::HEADER_REDIS_ID},
+};
+
+/// The Lease annotation holding the last redrive id that finished.
+pub const ANNOTATION_DONE: &str = "sluice.io/redrive-done";
+/// The header every republished record carries.
+pub const HEADER_REDRIVE_ID: &str = "sluice-redrive-id";
+/// The consumer group of a Redis dead-letter stream (the stream is the
+/// processor's own, so the name needs no processor in it).
+pub const REDIS_GROUP: &str = "sluice-redrive";
+/// The consumer in `REDIS_GROUP`: one name for every leader, so that a new
+/// leader sees the entries an old one read and did not acknowledge.
+const REDIS_CONSUMER: &str = "leader";
+/// Records per read, publish and commit.
+const BATCH: usize = 500;
+/// How long a read waits for records that the end says exist.
+const READ_WAIT: Duration = Duration::from_secs(2);
+/// Retry delays after a failed attempt: from the first, doubling to the last.
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Headers the dead-letter path adds, and the ones a source adds when it
+/// reads (stream ids, sequences): none of them is the record's own.
+const NOT_THE_RECORDS: [&str; 10] = [
+    HEADER_ERROR,
+    HEADER_REASON,
+    HEADER_STEP,
+    HEADER_PARTITION,
+    HEADER_OFFSET,
+    HEADER_ATTEMPT,
+    HEADER_SOURCE,
+    HEADER_REDRIVE_ID,
+    HEADER_REDIS_ID,
+    HEADER_NATS_SEQ,
+];
+
+/// Why a redrive did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RedriveError {
+    /// The spec cannot be redriven as it is: waits for a spec change.
+    #[error("{field}: {detail}")]
+    Config { field: &'static str, detail: String },
+    #[error("reading the dead letters from {target}: {detail}")]
+    Read { target: String, detail: String },
+    #[error("republishing to the source: {0}")]
+    Write(#[from] SinkError),
+    #[error("the worker Lease {lease}: {detail}")]
+    Ledger { lease: String, detail: String },
+}
+
+impl RedriveError {
+    /// Permanent errors wait for a spec change; the rest are retried.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, RedriveError::Config { .. } | RedriveError::Write(SinkError::Config { .. }))
+    }
+}
+
+/// The record as it goes back to the source: its own key, payload and
+/// headers, and the redrive's id.
+pub fn redriven(mut m: Message, id: &str) -> Message {
+    m.headers.retain(|(k, _)| !NOT_THE_RECORDS.contains(&k.as_str()));
+    m.headers.push((HEADER_REDRIVE_ID.to_string(), id.as_bytes().to_vec()));
+    m
+}
+
+/// The Kafka consumer group and NATS durable of a processor's redrives.
+pub fn consumer_name(processor: &str) -> String {
+    format!("sluice-redrive-{}", processor.replace('/', "-"))
+}
+
+/// The redrive `spec` asks for, if any.
+pub fn requested(spec: &StreamProcessorSpec) -> Option<&str> {
+    spec.dead_letter.as_ref()?.redrive.as_ref().map(|r| r.id.as_str())
+}
+
+// ----------------------------------------------------------------- ledger --
+
+/// Where the last finished redrive id is kept, so that a restart does not
+/// run it again.
+pub trait RedriveLedger: Send + Sync {
+    fn done(&self) -> BoxFuture<'_, Result<Option<String>, RedriveError>>;
+    fn record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RedriveError>>;
+}
+
+/// The annotation `sluice.io/redrive-done` on the worker's own Lease (the
+/// worker Role already allows get and patch on it; the Lease manager's
+/// own patches touch only its spec, so the annotation stays).
+pub struct LeaseLedger {
+    api: Api<DynamicObject>,
+    name: String,
+}
+
+impl LeaseLedger {
+    pub fn new(client: kube::Client, namespace: &str, name: &str) -> Self {
+        let gvk = GroupVersionKind::gvk("coordination.k8s.io", "v1", "Lease");
+        let api = Api::namespaced_with(client, namespace, &ApiResource::from_gvk(&gvk));
+        Self { api, name: name.to_string() }
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> RedriveError {
+        RedriveError::Ledger { lease: self.name.clone(), detail: e.to_string() }
+    }
+}
+
+impl RedriveLedger for LeaseLedger {
+    fn done(&self) -> BoxFuture<'_, Result<Option<String>, RedriveError>> {
+        Box::pin(async move {
+            let lease = self.api.get(&self.name).await.map_err(|e| self.error(e))?;
+            Ok(lease.metadata.annotations.and_then(|mut a| a.remove(ANNOTATION_DONE)))
+        })
+    }
+
+    fn record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RedriveError>> {
+        Box::pin(async move {
+            let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_DONE: id}}});
+            self.api
+                .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(|e| self.error(e))?;
+            Ok(())
+        })
+    }
+}
+
+/// A ledger in memory: for tests.
+#[derive(Default)]
+pub struct MemoryLedger(Mutex<Option<String>>);
+
+impl RedriveLedger for MemoryLedger {
+    fn done(&self) -> BoxFuture<'_, Result<Option<String>, RedriveError>> {
+        let done = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        Box::pin(async move { Ok(done) })
+    }
+
+    fn record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RedriveError>> {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(id.to_string());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+// ---------------------------------------------------------------- readers --
+
+/// The dead letters, read with the redrive's own position up to the end
+/// they had when opened.
+pub trait DeadLetterReader: Send {
+    /// The next records (at most `max`); empty once the end is reached.
+    fn next(&mut self, max: usize) -> BoxFuture<'_, Result<Vec<Message>, RedriveError>>;
+    /// Everything `next` returned has been republished: move the position
+    /// past it.
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), RedriveError>>;
+}
+
+/// A Kafka dead-letter topic, every partition, in the group
+/// `sluice-redrive-<ns>-<name>` (assigned, not subscribed: one reader, no
+/// rebalances; the group only keeps the committed offsets).
+pub struct KafkaDeadLetters {
+    consumer: StreamConsumer,
+    topic: String,
+    /// Per partition, the end (exclusive) when opened.
+    end: BTreeMap<i32, i64>,
+    /// Partitions not yet read to their end.
+    open: BTreeSet<i32>,
+    /// Per partition, one past the last record returned (what `commit` commits).
+    next: BTreeMap<i32, i64>,
+}
+
+impl KafkaDeadLetters {
+    pub fn open(spec: &StreamProcessorSpec, group: &str) -> Result<Self, RedriveError> {
+        let field = "spec.deadLetter.kafka";
+        let dl = spec
+            .dead_letter
+            .as_ref()
+            .and_then(|d| d.kafka.as_ref())
+            .ok_or(RedriveError::Config { field, detail: "no Kafka dead-letter topic".into() })?;
+        let at = crate::sink::kafka::endpoint(dl, spec.source.kafka.as_ref(), "DEADLETTER", field)?;
+        let env = |v: &str| std::env::var(v).ok();
+        let read = |detail: String| RedriveError::Read { target: format!("kafka/{}", dl.topic), detail };
+        let consumer: StreamConsumer =
+            crate::source::kafka::client_config(&at.brokers, at.auth.as_ref(), at.place, field, &env)
+                .map_err(|detail| RedriveError::Config { field, detail })?
+                .set("group.id", group)
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .map_err(|e| RedriveError::Config { field, detail: format!("the Kafka client rejected it: {e}") })?;
+        let topic = dl.topic.clone();
+        // Metadata, watermarks and committed offsets are blocking calls.
+        let (end, start) = tokio::task::block_in_place(|| -> Result<_, RedriveError> {
+            let timeout = Duration::from_secs(10);
+            let md = consumer.fetch_metadata(Some(&topic), timeout).map_err(|e| read(e.to_string()))?;
+            let partitions: Vec<i32> = md
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic && t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            let mut tpl = TopicPartitionList::new();
+            let mut low_high = BTreeMap::new();
+            for p in &partitions {
+                let (low, high) = consumer.fetch_watermarks(&topic, *p, timeout).map_err(|e| read(e.to_string()))?;
+                low_high.insert(*p, (low, high));
+                tpl.add_partition(&topic, *p);
+            }
+            let committed = if partitions.is_empty() {
+                TopicPartitionList::new()
+            } else {
+                consumer.committed_offsets(tpl, timeout).map_err(|e| read(e.to_string()))?
+            };
+            let mut start = BTreeMap::new();
+            let mut end = BTreeMap::new();
+            for (p, (low, high)) in low_high {
+                let from = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o.max(low),
+                    _ => low,
+                };
+                if from < high {
+                    start.insert(p, from);
+                    end.insert(p, high);
+                }
+            }
+            Ok((end, start))
+        })?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, from) in &start {
+            tpl.add_partition_offset(&topic, *p, Offset::Offset(*from)).map_err(|e| read(e.to_string()))?;
+        }
+        if !start.is_empty() {
+            consumer.assign(&tpl).map_err(|e| read(e.to_string()))?;
+        }
+        tracing::info!(topic = %topic, group, from = ?start, to = ?end, "redrive: reading the Kafka dead letters");
+        Ok(Self { consumer, topic, open: end.keys().copied().collect(), end, next: BTreeMap::new() })
+    }
+
+    /// Partitions whose fetch position passed the end without a record to
+    /// show for it (compaction, transaction markers) are done too.
+    fn close_passed(&mut self) {
+        let Ok(positions) = self.consumer.position() else { return };
+        for e in positions.elements_for_topic(&self.topic) {
+            if let Offset::Offset(o) = e.offset()
+                && self.end.get(&e.partition()).is_some_and(|end| o >= *end)
+            {
+                self.open.remove(&e.partition());
+                let next = self.next.entry(e.partition()).or_insert(o);
+                *next = (*next).max(o);
+            }
+        }
+    }
+}
+
+impl DeadLetterReader for KafkaDeadLetters {
+    fn next(&mut self, max: usize) -> BoxFuture<'_, Result<Vec<Message>, RedriveError>> {
+        Box::pin(async move {
+            let mut batch = Vec::new();
+            while !self.open.is_empty() && batch.len() < max {
+                let m = match tokio::time::timeout(READ_WAIT, self.consumer.recv()).await {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => {
+                        return Err(RedriveError::Read {
+                            target: format!("kafka/{}", self.topic),
+                            detail: e.to_string(),
+                        });
+                    }
+                    Err(_idle) => {
+                        self.close_passed();
+                        if !batch.is_empty() {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let (p, o) = (m.partition(), m.offset());
+                let Some(end) = self.end.get(&p).copied() else { continue };
+                if o >= end || !self.open.contains(&p) {
+                    self.open.remove(&p);
+                    continue;
+                }
+                self.next.insert(p, o + 1);
+                if o + 1 >= end {
+                    self.open.remove(&p);
+                }
+                let headers = m
+                    .headers()
+                    .map(|hs| {
+                        hs.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                batch.push(Message {
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: Payload::from_bytes(m.payload().map(<[u8]>::to_vec).unwrap_or_default()),
+                    headers,
+                    partition: p,
+                    offset: o,
+                    timestamp: m.timestamp().to_millis().unwrap_or_else(now_ms),
+                });
+            }
+            Ok(batch)
+        })
+    }
+
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), RedriveError>> {
+        Box::pin(async move {
+            if self.next.is_empty() {
+                return Ok(());
+            }
+            let mut tpl = TopicPartitionList::new();
+            for (p, o) in &self.next {
+                tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o)).map_err(|e| RedriveError::Read {
+                    target: format!("kafka/{}", self.topic),
+                    detail: e.to_string(),
+                })?;
+            }
+            tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync)).map_err(|e| {
+                RedriveError::Read { target: format!("kafka/{}", self.topic), detail: format!("commit: {e}") }
+            })
+        })
+    }
+}
+
+/// A Redis dead-letter stream in the group `sluice-redrive`: first the
+/// entries an earlier leader read and did not acknowledge, then new ones,
+/// up to the last entry when opened. XACK after the republish.
+pub struct RedisDeadLetters {
+    conn: ConnectionManager,
+    stream: String,
+    /// The last entry id when opened; `None`: the stream was empty.
+    end: Option<StreamId>,
+    /// Reading this consumer's pending entries after this id; `None`: new ones.
+    pending_after: Option<String>,
+    done: bool,
+    /// Entry ids `next` returned, acknowledged by `commit`.
+    returned: Vec<String>,
+    seq: i64,
+}
+
+/// A stream entry id, comparable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StreamId(u64, u64);
+
+impl StreamId {
+    pub fn parse(id: &str) -> Option<Self> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(Self(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+fn value_bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+/// One stream entry: its id, and its fields (`None` for an entry deleted
+/// while pending).
+type Entry = (String, Option<Vec<(String, Vec<u8>)>>);
+
+/// The entries of an XRANGE/XREVRANGE reply (and of one stream in XREADGROUP's).
+fn entries(v: &Value) -> Vec<Entry> {
+    let string = |v: &Value| value_bytes(v).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let Value::Array(items) = v else { return Vec::new() };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else { return None };
+            let id = string(pair.first()?)?;
+            let fields = match pair.get(1) {
+                Some(Value::Array(kv)) => {
+                    Some(kv.chunks(2).filter_map(|c| Some((string(c.first()?)?, value_bytes(c.get(1)?)?))).collect())
+                }
+                Some(Value::Map(kv)) => {
+                    Some(kv.iter().filter_map(|(k, v)| Some((string(k)?, value_bytes(v)?))).collect())
+                }
+                _ => None,
+            };
+            Some((id, fields))
+        })
+        .collect()
+}
+
+/// XREADGROUP's reply: `[[stream, entries]]` (RESP2) or `{stream: entries}` (RESP3); nil when none.
+fn read_reply(v: &Value) -> Vec<Entry> {
+    match v {
+        Value::Array(streams) => streams
+            .iter()
+            .filter_map(|s| match s {
+                Value::Array(pair) => pair.get(1).map(entries),
+                _ => None,
+            })
+            .flatten()
+            .collect(),
+        Value::Map(streams) => streams.iter().flat_map(|(_, e)| entries(e)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A dead letter entry as a message: `payload`, `key`, the other fields
+/// as headers (as the Redis sink wrote them).
+fn entry_message(fields: Vec<(String, Vec<u8>)>, offset: i64) -> Message {
+    let mut m = Message::new(0, offset, Vec::new());
+    let mut payload = Vec::new();
+    for (k, v) in fields {
+        match k.as_str() {
+            "payload" => payload = v,
+            "key" => m.key = Some(v),
+            _ => m.headers.push((k, v)),
+        }
+    }
+    m.payload = Payload::from_bytes(payload);
+    m
+}
+
+impl RedisDeadLetters {
+    pub async fn open(spec: &StreamProcessorSpec) -> Result<Self, RedriveError> {
+        let field = "spec.deadLetter.redis";
+        let dl = spec
+            .dead_letter
+            .as_ref()
+            .and_then(|d| d.redis.as_ref())
+            .ok_or(RedriveError::Config { field, detail: "no Redis dead-letter stream".into() })?;
+        let env = |v: &str| std::env::var(v).ok();
+        let client = crate::source::redis::client(&dl.url, "SLUICE_SECRET_DEADLETTER_REDIS_PASSWORD", field, &env)
+            .map_err(|detail| RedriveError::Config { field, detail })?;
+        let read =
+            |e: redis::RedisError| RedriveError::Read { target: format!("redis/{}", dl.stream), detail: e.to_string() };
+        let mut conn = crate::source::redis::connect(client, Duration::from_secs(10)).map_err(read)?;
+        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&dl.stream)
+            .arg(REDIS_GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Ok(()) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(read(e)),
+        }
+        let last: Value = redis::cmd("XREVRANGE")
+            .arg(&dl.stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .map_err(read)?;
+        let end = entries(&last).first().and_then(|(id, _)| StreamId::parse(id));
+        tracing::info!(stream = %dl.stream, group = REDIS_GROUP, ?end, "redrive: reading the Redis dead letters");
+        Ok(Self {
+            conn,
+            stream: dl.stream.clone(),
+            done: end.is_none(),
+            end,
+            pending_after: Some("0".into()),
+            returned: Vec::new(),
+            seq: 0,
+        })
+    }
+
+    fn error(&self, e: redis::RedisError) -> RedriveError {
+        RedriveError::Read { target: format!("redis/{}", self.stream), detail: e.to_string() }
+    }
+}
+
+impl DeadLetterReader for RedisDeadLetters {
+    fn next(&mut self, max: usize) -> BoxFuture<'_, Result<Vec<Message>, RedriveError>> {
+        Box::pin(async move {
+            let mut batch = Vec::new();
+            while !self.done && batch.is_empty() {
+                let from = self.pending_after.clone().unwrap_or_else(|| ">".into());
+                let reply: Value = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(REDIS_GROUP)
+                    .arg(REDIS_CONSUMER)
+                    .arg("COUNT")
+                    .arg(max)
+                    .arg("STREAMS")
+                    .arg(&self.stream)
+                    .arg(&from)
+                    .query_async(&mut self.conn)
+                    .await
+                    .map_err(|e| self.error(e))?;
+                let read = read_reply(&reply);
+                if read.is_empty() {
+                    match self.pending_after {
+                        // Every pending entry seen: now the new ones.
+                        Some(_) => self.pending_after = None,
+                        None => self.done = true,
+                    }
+                    continue;
+                }
+                for (id, fields) in read {
+                    if self.pending_after.is_some() {
+                        self.pending_after = Some(id.clone());
+                    }
+                    if StreamId::parse(&id) > self.end {
+                        // Added after the redrive started: the next redrive's
+                        // (read, so pending: it finds it there).
+                        self.done = true;
+                        break;
+                    }
+                    self.returned.push(id);
+                    // An entry deleted while pending: nothing to send, only to acknowledge.
+                    if let Some(fields) = fields {
+                        self.seq += 1;
+                        batch.push(entry_message(fields, self.seq));
+                    }
+                }
+            }
+            Ok(batch)
+        })
+    }
+
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), RedriveError>> {
+        Box::pin(async move {
+            if self.returned.is_empty() {
+                return Ok(());
+            }
+            let ids = std::mem::take(&mut self.returned);
+            let acked: Result<i64, _> =
+                redis::cmd("XACK").arg(&self.stream).arg(REDIS_GROUP).arg(&ids).query_async(&mut self.conn).await;
+            if let Err(e) = acked {
+                self.returned = ids;
+                return Err(self.error(e));
+            }
+            Ok(())
+        })
+    }
+}
+
+// ---------------------------------------------------------------- the run --
+
+/// The sink that writes into the processor's source: its topic, stream or
+/// subject, with the source's own login.
+pub async fn source_writer(spec: &StreamProcessorSpec) -> Result<Box<dyn Sink>, RedriveError> {
+    let env = |v: &str| std::env::var(v).ok();
+    let s = &spec.source;
+    if let Some(k) = &s.kafka {
+        let target = sluice_crds::KafkaSink {
+            brokers: Some(k.brokers.clone()),
+            topic: k.topic.clone(),
+            key: None,
+            compression: sluice_crds::Compression::default(),
+            auth: k.auth.clone(),
+            properties: BTreeMap::new(),
+        };
+        return Ok(Box::new(KafkaSink::new(&target, Some(k), "SOURCE", "spec.source.kafka", &env)?));
+    }
+    if let Some(r) = &s.redis {
+        let target = sluice_crds::RedisSink {
+            url: r.url.clone(),
+            stream: r.stream.clone(),
+            max_len: None,
+            password_secret_ref: r.password_secret_ref.clone(),
+            dedupe: None,
+        };
+        return Ok(Box::new(RedisSink::new(&target, "SOURCE", "spec.source.redis", &env)?));
+    }
+    if let Some(n) = &s.nats {
+        let field = "spec.source.nats.filterSubject";
+        let subject = n.filter_subject.clone().filter(|f| !f.split('.').any(|t| t == "*" || t == ">")).ok_or(
+            RedriveError::Config {
+                field,
+                detail: "redrive publishes to one subject: set filterSubject to a subject without wildcards".into(),
+            },
+        )?;
+        let target =
+            sluice_crds::NatsSink { servers: n.servers.clone(), subject, max_in_flight: None, auth: n.auth.clone() };
+        // `NatsSink::new`'s future holds its `&dyn Fn` environment across
+        // awaits, so it is not `Send`: run it to completion on this thread.
+        let handle = tokio::runtime::Handle::current();
+        let sink = tokio::task::block_in_place(|| {
+            handle.block_on(NatsSink::new(&target, "SOURCE", "spec.source.nats", &|v| std::env::var(v).ok()))
+        })?;
+        return Ok(Box::new(sink));
+    }
+    Err(RedriveError::Config {
+        field: "spec.deadLetter.redrive",
+        detail: format!("a {} source cannot take records back; remove redrive", s.kind()),
+    })
+}
+
+/// The reader of the spec's dead-letter sink.
+pub async fn dead_letter_reader(
+    spec: &StreamProcessorSpec,
+    processor: &str,
+) -> Result<Box<dyn DeadLetterReader>, RedriveError> {
+    let dl = spec.dead_letter.as_ref();
+    if dl.is_some_and(|d| d.kafka.is_some()) {
+        return Ok(Box::new(KafkaDeadLetters::open(spec, &consumer_name(processor))?));
+    }
+    if dl.is_some_and(|d| d.redis.is_some()) {
+        return Ok(Box::new(RedisDeadLetters::open(spec).await?));
+    }
+    Err(RedriveError::Config {
+        field: "spec.deadLetter",
+        detail: "redrive reads the dead letters back from kafka or redis; this dead-letter sink cannot be read".into(),
+    })
+}
+
+/// Moves every dead letter `reader` has into `sink`, batch by batch,
+/// committing each batch only after it was published. Returns how many.
+pub async fn redrive(
+    reader: &mut dyn DeadLetterReader,
+    sink: &mut dyn Sink,
+    id: &str,
+    metrics: Option<&Metrics>,
+) -> Result<u64, RedriveError> {
+    let mut total = 0;
+    loop {
+        let batch = reader.next(BATCH).await?;
+        if batch.is_empty() {
+            return Ok(total);
+        }
+        let batch: Vec<Message> = batch.into_iter().map(|m| redriven(m, id)).collect();
+        match sink.write(&batch).await {
+            Ok(()) => {}
+            Err(SinkError::Rejected { rejected, .. }) => {
+                // Refused for what it is (too large, invalid): sending it again
+                // cannot help; the log keeps it, the redrive goes on.
+                for r in &rejected {
+                    let Some(m) = batch.get(r.index) else { continue };
+                    tracing::error!(redrive = id, partition = m.partition, offset = m.offset, error = %r.error,
+                        payload = %String::from_utf8_lossy(&m.payload.to_bytes()),
+                        "the source refused this redriven record; it is logged here and skipped");
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        reader.commit().await?;
+        total += batch.len() as u64;
+        if let Some(m) = metrics {
+            m.redriven.inc_by(batch.len() as u64);
+        }
+        tracing::debug!(redrive = id, records = batch.len(), total, "redrive: batch republished and committed");
+    }
+}
+
+/// What a request for a redrive came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The ledger says this id already finished: nothing was read.
+    AlreadyDone,
+    /// Republished this many records, and recorded the id.
+    Redriven(u64),
+}
+
+/// One attempt at the redrive `spec` asks for: nothing if `ledger` has its
+/// id, else read, republish, commit, and record the id.
+pub async fn attempt(
+    spec: &StreamProcessorSpec,
+    processor: &str,
+    id: &str,
+    ledger: &dyn RedriveLedger,
+    metrics: Option<&Metrics>,
+) -> Result<Outcome, RedriveError> {
+    if ledger.done().await?.as_deref() == Some(id) {
+        return Ok(Outcome::AlreadyDone);
+    }
+    let mut reader = dead_letter_reader(spec, processor).await?;
+    let mut sink = source_writer(spec).await?;
+    let n = redrive(reader.as_mut(), sink.as_mut(), id, metrics).await?;
+    ledger.record(id).await?;
+    Ok(Outcome::Redriven(n))
+}
+
+/// The redrive task: runs the requested redrive (if any, and not done) with
+/// retries until it is done, then waits for `stop`. Without a ledger (a
+/// local run without a Lease) it only says why it does nothing: it could
+/// not remember that it was done, and would redo it on every start.
+pub async fn run(
+    spec: &StreamProcessorSpec,
+    processor: &str,
+    metrics: &Metrics,
+    ledger: Option<Arc<dyn RedriveLedger>>,
+    stop: CancellationToken,
+) {
+    let Some(id) = requested(spec) else {
+        stop.cancelled().await;
+        return;
+    };
+    let Some(ledger) = ledger else {
+        tracing::warn!(
+            redrive = id,
+            "spec.deadLetter.redrive is set, but without a Lease (SLUICE_LEASE_NAME) \
+            this worker cannot record it as done; not redriving (run it under the operator)"
+        );
+        stop.cancelled().await;
+        return;
+    };
+    let mut delay = RETRY_FIRST;
+    loop {
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = attempt(spec, processor, id, ledger.as_ref(), Some(metrics)) => r,
+        };
+        match result {
+            Ok(Outcome::AlreadyDone) => {
+                tracing::info!(redrive = id, annotation = ANNOTATION_DONE, "redrive already done; nothing to do");
+                break;
+            }
+            Ok(Outcome::Redriven(n)) => {
+                tracing::info!(
+                    redrive = id,
+                    records = n,
+                    annotation = ANNOTATION_DONE,
+                    "redrive done: dead letters republished to the source; recorded on the Lease"
+                );
+                break;
+            }
+            Err(e) if e.is_permanent() => {
+                tracing::warn!(redrive = id, error = %e, "redrive cannot run with this spec; fix it to try again");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(redrive = id, error = %e, retry_in = ?delay,
+                    "redrive interrupted; retrying from the last committed position");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    }
+    stop.cancelled().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redriven_record_keeps_its_own_headers_and_names_the_redrive() {
+        let mut m = Message::new(3, 41, b"{\"a\":1}".to_vec());
+        m.key = Some(b"k".to_vec());
+        m.headers = [
+            ("trace", "t1"),
+            (HEADER_ERROR, "boom"),
+            (HEADER_REASON, "expression"),
+            (HEADER_STEP, "pipeline[1].map"),
+            (HEADER_PARTITION, "3"),
+            (HEADER_OFFSET, "41"),
+            (HEADER_ATTEMPT, "1"),
+            (HEADER_SOURCE, "kafka/in"),
+            (HEADER_REDIS_ID, "1-0"),
+            (HEADER_REDRIVE_ID, "an-older-one"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        let r = redriven(m, "fix-1");
+        assert_eq!(r.key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(r.payload.to_bytes().as_ref(), b"{\"a\":1}");
+        let names: Vec<(&str, &[u8])> = r.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+        assert_eq!(names, vec![("trace", &b"t1"[..]), (HEADER_REDRIVE_ID, &b"fix-1"[..])]);
+    }
+
+    #[test]
+    fn names_derive_from_the_processor() {
+        assert_eq!(consumer_name("shop/orders"), "sluice-redrive-shop-orders");
+    }
+
+    #[test]
+    fn stream_ids_order_numerically() {
+        let id = |s| StreamId::parse(s).expect("id");
+        assert!(id("10-0") > id("9-5"));
+        assert!(id("9-10") > id("9-9"));
+        assert_eq!(StreamId::parse("x"), None);
+        assert!(Some(id("1-0")) > None, "any id is past an empty stream's end");
+    }
+
+    #[test]
+    fn stream_replies_parse_in_both_shapes() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let entry = |id: &str| Value::Array(vec![bulk(id), Value::Array(vec![bulk("payload"), bulk("{}")])]);
+        let range = Value::Array(vec![entry("5-0"), entry("6-0")]);
+        let ids = |e: Vec<Entry>| e.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(entries(&range)), ["5-0", "6-0"]);
+        let read = Value::Array(vec![Value::Array(vec![bulk("dlq"), range.clone()])]);
+        assert_eq!(ids(read_reply(&read)), ["5-0", "6-0"]);
+        let resp3 = Value::Map(vec![(bulk("dlq"), range)]);
+        assert_eq!(ids(read_reply(&resp3)), ["5-0", "6-0"]);
+        let gone = Value::Array(vec![bulk("7-0"), Value::Nil]);
+        let deleted = Value::Array(vec![Value::Array(vec![bulk("dlq"), Value::Array(vec![gone])])]);
+        assert_eq!(read_reply(&deleted), vec![("7-0".to_string(), None)]);
+        assert!(read_reply(&Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn a_generator_source_cannot_be_redriven_into() {
+        let spec: StreamProcessorSpec = serde_json::from_value(serde_json::json!({
+            "source": {"generator": {"template": {"id": "seq"}}},
+            "sink": {"stdout": {}},
+            "deadLetter": {"redis": {"url": "redis://r", "stream": "dlq"}, "redrive": {"id": "x"}}
+        }))
+        .expect("spec");
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let err = rt.block_on(source_writer(&spec)).err().expect("refused");
+        assert!(err.is_permanent(), "{err}");
+        assert!(err.to_string().starts_with("spec.deadLetter.redrive: a generator source"), "{err}");
+    }
+}
