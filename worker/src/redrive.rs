@@ -464,6 +464,14 @@ fn entry_message(fields: Vec<(String, Vec<u8>)>, offset: i64) -> Message {
     m
 }
 
+/// An offset unique to the entry (its id's milliseconds and sequence in
+/// one number): a republish to a NATS source derives its `Nats-Msg-Id`
+/// from it, so two different dead letters must never share one.
+fn entry_offset(id: &str) -> Option<i64> {
+    let StreamId(ms, seq) = StreamId::parse(id)?;
+    i64::try_from((ms << 12) | (seq & 0xfff)).ok()
+}
+
 impl RedisDeadLetters {
     pub async fn open(spec: &StreamProcessorSpec) -> Result<Self, RedriveError> {
         let field = "spec.deadLetter.redis";
@@ -555,12 +563,12 @@ impl DeadLetterReader for RedisDeadLetters {
                         self.done = true;
                         break;
                     }
-                    self.returned.push(id);
                     // An entry deleted while pending: nothing to send, only to acknowledge.
                     if let Some(fields) = fields {
                         self.seq += 1;
-                        batch.push(entry_message(fields, self.seq));
+                        batch.push(entry_message(fields, entry_offset(&id).unwrap_or(self.seq)));
                     }
+                    self.returned.push(id);
                 }
             }
             Ok(batch)
@@ -580,6 +588,150 @@ impl DeadLetterReader for RedisDeadLetters {
                 return Err(self.error(e));
             }
             Ok(())
+        })
+    }
+}
+
+/// A NATS dead-letter subject, through the durable pull consumer
+/// `sluice-redrive-<ns>-<name>` on the stream that captures it, up to the
+/// stream's last sequence when opened; each message acked after the
+/// republish. Messages past that end are nak'd for the next redrive.
+pub struct NatsDeadLetters {
+    client: async_nats::Client,
+    consumer: async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>,
+    subject: String,
+    end: u64,
+    done: bool,
+    returned: Vec<async_nats::jetstream::Message>,
+}
+
+/// How long the server waits for the redrive's ack before redelivering: a
+/// leader that died mid-batch holds its messages this long.
+const NATS_ACK_WAIT: Duration = Duration::from_secs(30);
+
+impl NatsDeadLetters {
+    pub async fn open(spec: &StreamProcessorSpec, durable: &str) -> Result<Self, RedriveError> {
+        use async_nats::jetstream::{self, consumer::pull};
+        let field = "spec.deadLetter.nats";
+        let dl = spec
+            .dead_letter
+            .as_ref()
+            .and_then(|d| d.nats.as_ref())
+            .ok_or(RedriveError::Config { field, detail: "no NATS dead-letter subject".into() })?;
+        let read = |e: String| RedriveError::Read { target: format!("nats/{}", dl.subject), detail: e };
+        let options =
+            crate::source::nats::connect_options(dl.auth.as_ref(), "DEADLETTER", field, &|v| std::env::var(v).ok())
+                .map_err(|detail| RedriveError::Config { field, detail })?;
+        let client = options
+            .name("sluice-redrive")
+            .connect(&dl.servers)
+            .await
+            .map_err(|e| read(format!("cannot connect to {}: {e}", dl.servers.join(","))))?;
+        let js = jetstream::new(client.clone());
+        let name = js
+            .stream_by_subject(dl.subject.clone())
+            .await
+            .map_err(|e| read(format!("no stream captures subject {}: {e}", dl.subject)))?;
+        let stream = js.get_stream(&name).await.map_err(|e| read(format!("stream {name}: {e}")))?;
+        let end = stream.cached_info().state.last_sequence;
+        let config = pull::Config {
+            durable_name: Some(durable.to_string()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: NATS_ACK_WAIT,
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            filter_subject: dl.subject.clone(),
+            max_ack_pending: 10_000,
+            ..Default::default()
+        };
+        let consumer = stream
+            .get_or_create_consumer(durable, config)
+            .await
+            .map_err(|e| read(format!("durable consumer {durable}: {e}")))?;
+        tracing::info!(stream = %name, subject = %dl.subject, durable, end, "redrive: reading the NATS dead letters");
+        Ok(Self { client, consumer, subject: dl.subject.clone(), end, done: end == 0, returned: Vec::new() })
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> RedriveError {
+        RedriveError::Read { target: format!("nats/{}", self.subject), detail: e.to_string() }
+    }
+}
+
+/// A dead letter as the NATS sink wrote it: the key in `Sluice-Key`, the
+/// other headers as they were; the offset is its dead-letter sequence (a
+/// republish to a NATS source derives its `Nats-Msg-Id` from it).
+fn nats_message(m: &async_nats::jetstream::Message, seq: u64) -> Message {
+    let mut out = Message::new(0, i64::try_from(seq).unwrap_or(i64::MAX), m.payload.to_vec());
+    if let Some(h) = &m.headers {
+        for (name, values) in h.iter() {
+            let name: &str = name.as_ref();
+            if name.starts_with("Nats-") {
+                continue;
+            }
+            let value = values.first().map(|v| v.as_str().as_bytes().to_vec()).unwrap_or_default();
+            if name == crate::source::nats::HEADER_KEY {
+                out.key = Some(value);
+            } else {
+                out.headers.push((name.to_string(), value));
+            }
+        }
+    }
+    out
+}
+
+impl DeadLetterReader for NatsDeadLetters {
+    fn next(&mut self, max: usize) -> BoxFuture<'_, Result<Vec<Message>, RedriveError>> {
+        Box::pin(async move {
+            use futures::StreamExt;
+            while !self.done {
+                let mut fetched =
+                    self.consumer.fetch().max_messages(max).messages().await.map_err(|e| self.error(e))?;
+                let mut batch = Vec::new();
+                while let Some(m) = fetched.next().await {
+                    let m = m.map_err(|e| self.error(e))?;
+                    let seq = m.info().map_err(|e| self.error(e))?.stream_sequence;
+                    if seq > self.end {
+                        // The next redrive's: handed back at once.
+                        self.done = true;
+                        m.ack_with(async_nats::jetstream::AckKind::Nak(None)).await.map_err(|e| self.error(e))?;
+                        continue;
+                    }
+                    batch.push(nats_message(&m, seq));
+                    self.returned.push(m);
+                }
+                if !batch.is_empty() {
+                    return Ok(batch);
+                }
+                if self.done {
+                    break;
+                }
+                // Nothing to fetch now: finished, unless a leader that stopped
+                // mid-batch left messages awaiting their ack deadline; they
+                // come back after NATS_ACK_WAIT.
+                let ack_pending = match self.consumer.info().await {
+                    Ok(info) => info.num_ack_pending,
+                    Err(e) => {
+                        return Err(RedriveError::Read {
+                            target: format!("nats/{}", self.subject),
+                            detail: e.to_string(),
+                        });
+                    }
+                };
+                if ack_pending == 0 {
+                    self.done = true;
+                } else {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            Ok(Vec::new())
+        })
+    }
+
+    fn commit(&mut self) -> BoxFuture<'_, Result<(), RedriveError>> {
+        Box::pin(async move {
+            for m in std::mem::take(&mut self.returned) {
+                m.ack().await.map_err(|e| self.error(e))?;
+            }
+            self.client.flush().await.map_err(|e| self.error(e))
         })
     }
 }
@@ -648,9 +800,14 @@ pub async fn dead_letter_reader(
     if dl.is_some_and(|d| d.redis.is_some()) {
         return Ok(Box::new(RedisDeadLetters::open(spec).await?));
     }
+    if dl.is_some_and(|d| d.nats.is_some()) {
+        return Ok(Box::new(NatsDeadLetters::open(spec, &consumer_name(processor)).await?));
+    }
     Err(RedriveError::Config {
         field: "spec.deadLetter",
-        detail: "redrive reads the dead letters back from kafka or redis; this dead-letter sink cannot be read".into(),
+        detail:
+            "redrive reads the dead letters back from kafka, nats or redis; a stdout dead-letter sink cannot be read"
+                .into(),
     })
 }
 

@@ -20,7 +20,7 @@ use rdkafka::{
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use sluice_crds::StreamProcessorSpec;
-use sluice_tests::brokers::{Kafka, KafkaRecord, Redis};
+use sluice_tests::brokers::{Kafka, KafkaRecord, Nats, Redis};
 use sluice_worker::{
     janitor::{self, Layout, Orphan},
     metrics::Metrics,
@@ -337,4 +337,133 @@ async fn redis_dead_letters_go_back_to_the_source_once_per_redrive_id() {
     let count = |id: &[u8]| input.iter().filter(|e| field(e, redrive::HEADER_REDRIVE_ID) == Some(id)).count();
     assert_eq!((count(b"fix-1"), count(b"fix-2"), input.len()), (4, 6, 26));
     assert_eq!(xlen(&mut conn, "dlq").await, 10);
+}
+
+async fn js(nats: &Nats) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("connect to nats"))
+}
+
+async fn publish(js: &async_nats::jetstream::Context, records: Vec<(Option<String>, Vec<u8>)>) {
+    for (key, payload) in records {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Sluice-Key", key.unwrap_or_default().as_str());
+        js.publish_with_headers("in", headers, payload.into()).await.expect("publish").await.expect("publish ack");
+    }
+}
+
+/// (payload, headers) of every message of a stream.
+async fn stream_messages(js: &async_nats::jetstream::Context, name: &str) -> Vec<(Vec<u8>, Vec<(String, String)>)> {
+    use futures::StreamExt;
+    let stream = js.get_stream(name).await.expect("stream");
+    let total = stream.get_info().await.expect("info").state.messages as usize;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .expect("reader consumer");
+    let mut out = Vec::with_capacity(total);
+    while out.len() < total {
+        let mut batch = consumer.fetch().max_messages(10_000).messages().await.expect("fetch");
+        while let Some(Ok(m)) = batch.next().await {
+            let headers = m
+                .headers
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .map(|(k, v)| (k.to_string(), v.first().map(|v| v.to_string()).unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((m.payload.to_vec(), headers));
+        }
+    }
+    out
+}
+
+/// The same on NATS JetStream: the dead letters come back to the source's
+/// subject through the durable `sluice-redrive-<ns>-<name>`, which ends
+/// with nothing pending and nothing awaiting an ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_dead_letters_go_back_to_the_source_once_per_redrive_id() {
+    let nats = Nats::start();
+    let js = js(&nats).await;
+    for (name, subject) in [("IN", "in"), ("OUT", "out"), ("DLQ", "dlq")] {
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    }
+    publish(&js, inputs(0, 10, 4)).await;
+    let spec = json!({
+        "source": {"nats": {"servers": [nats.url()], "stream": "IN", "consumer": "orders", "filterSubject": "in",
+                            "startFrom": "earliest"}},
+        "pipeline": pipeline(),
+        "sink": {"nats": {"servers": [nats.url()], "subject": "out"}},
+        "deadLetter": {"nats": {"servers": [nats.url()], "subject": "dlq"}}
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let handle = tokio::runtime::Handle::current();
+    let dead_letters = |n: u64| {
+        let js = js.clone();
+        tokio::task::block_in_place(|| {
+            handle.block_on(async move {
+                let mut s = js.get_stream("DLQ").await.expect("stream");
+                s.info().await.expect("info").state.messages >= n
+            })
+        })
+    };
+    run_worker_until(&spec, dir.path(), "4 dead letters", || dead_letters(4));
+    let dead = stream_messages(&js, "DLQ").await;
+    assert_eq!(dead.len(), 4);
+
+    let ledger = MemoryLedger::default();
+    let fix1 = with_redrive(&spec, "fix-1");
+    assert_eq!(
+        redrive::attempt(&fix1, PROCESSOR, "fix-1", &ledger, None).await.expect("redrive"),
+        Outcome::Redriven(4)
+    );
+    let header = |h: &[(String, String)], name: &str| h.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let input = stream_messages(&js, "IN").await;
+    let back: Vec<_> =
+        input.iter().filter(|(_, h)| header(h, redrive::HEADER_REDRIVE_ID).as_deref() == Some("fix-1")).collect();
+    assert_eq!(back.len(), 4, "{input:#?}");
+    for (payload, headers) in &back {
+        for h in DEAD_LETTER_HEADERS {
+            assert_eq!(header(headers, h), None, "{h} stays behind: {headers:?}");
+        }
+        assert!(
+            dead.iter().any(|(p, h)| p == payload && header(h, "Sluice-Key") == header(headers, "Sluice-Key")),
+            "redriven with its own key and payload"
+        );
+    }
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream("DLQ")
+        .await
+        .expect("stream")
+        .get_consumer(&redrive::consumer_name(PROCESSOR))
+        .await
+        .expect("the redrive's durable");
+    let info = consumer.info().await.expect("consumer info");
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0));
+    assert_eq!(
+        redrive::attempt(&fix1, PROCESSOR, "fix-1", &ledger, None).await.expect("redrive"),
+        Outcome::AlreadyDone
+    );
+
+    publish(&js, inputs(100, 0, 2)).await;
+    run_worker_until(&spec, dir.path(), "10 dead letters", || dead_letters(10));
+    let fix2 = with_redrive(&spec, "fix-2");
+    assert_eq!(
+        redrive::attempt(&fix2, PROCESSOR, "fix-2", &ledger, None).await.expect("redrive"),
+        Outcome::Redriven(6)
+    );
+    let input = stream_messages(&js, "IN").await;
+    let count =
+        |id: &str| input.iter().filter(|(_, h)| header(h, redrive::HEADER_REDRIVE_ID).as_deref() == Some(id)).count();
+    assert_eq!((count("fix-1"), count("fix-2"), input.len()), (4, 6, 26));
 }
