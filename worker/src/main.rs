@@ -32,7 +32,11 @@ use sluice_worker::{
         Source, SourceError, file::FileSource, generator::Generator, kafka::KafkaSource, kafka::pod_name,
         nats::NatsSource, redis::RedisSource,
     },
-    state::{StateKeys, StateStore, redis::RedisStore},
+    state::{
+        StateKeys, StateStore,
+        fingerprint::{FingerprintedStore, StepFingerprints},
+        redis::RedisStore,
+    },
 };
 use tokio_util::sync::CancellationToken;
 
@@ -262,7 +266,14 @@ async fn run(
                 "spec.state.redis",
                 &env,
             )?;
-            let store: Arc<dyn StateStore> = Arc::new(RedisStore::with_client(client).await?);
+            let redis: Arc<dyn StateStore> = Arc::new(RedisStore::with_client(client).await?);
+            // Snapshots name their step's definition: an edited step does not
+            // restore the state its old definition wrote.
+            let store: Arc<dyn StateStore> = Arc::new(FingerprintedStore::new(
+                redis,
+                StateKeys::new(cfg.processor.clone()),
+                StepFingerprints::of(spec),
+            ));
             Some(Snapshots {
                 store,
                 keys: StateKeys::new(cfg.processor.clone()),

@@ -467,3 +467,68 @@ async fn nats_dead_letters_go_back_to_the_source_once_per_redrive_id() {
         |id: &str| input.iter().filter(|(_, h)| header(h, redrive::HEADER_REDRIVE_ID).as_deref() == Some(id)).count();
     assert_eq!((count("fix-1"), count("fix-2"), input.len()), (4, 6, 26));
 }
+
+// ------------------------------------------------------ snapshot fingerprints --
+
+/// The worker binary with a window over a Kafka source and Redis state: its
+/// snapshots carry their step's fingerprint; a restart with the same spec
+/// restores them, one with another window size does not (it says so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_an_edited_step_are_not_restored() {
+    let kafka = Kafka::start();
+    for t in ["in", "out"] {
+        kafka.create_topic(t, 1).expect("topic");
+    }
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..5)
+        .map(|i| (Some("k".to_string()), serde_json::to_vec(&json!({"key": "k", "ts": 1_000 + i})).expect("json")))
+        .collect();
+    kafka.produce("in", records).expect("produce");
+    let server = Redis::start();
+    let mut conn = redis_conn(&server.url()).await;
+    let spec = |size: &str| {
+        json!({
+            "source": {"kafka": {"brokers": [kafka.bootstrap()], "topic": "in", "group": "windows", "startFrom": "earliest"}},
+            "pipeline": [{"window": {"type": "tumbling", "size": size, "keyBy": "msg.key", "time": {"field": "msg.ts"},
+                                     "aggregate": {"count": {}}}}],
+            "sink": {"kafka": {"topic": "out"}},
+            "state": {"backend": "redis", "redis": {"url": server.url()}, "snapshotInterval": "1s"}
+        })
+    };
+    // A bare spec is processor default/local.
+    let key = StateKeys::new("default/local").snapshot(0, 0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_spec(dir.path(), &spec("1h"));
+    let run = |log: &str| {
+        WorkerProcess::start(&path, dir.path().join(log), "state-test", &[("LOG_LEVEL", "info,rdkafka=warn")])
+    };
+
+    let mut first = run("first.log");
+    let start = Instant::now();
+    while !conn.exists::<_, bool>(&key).await.expect("EXISTS") {
+        first.assert_running();
+        assert!(start.elapsed() < DEADLINE, "no snapshot within {DEADLINE:?}:\n{}", first.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(first.terminate().success(), "{}", first.log_tail());
+    let value: Vec<u8> = conn.get(&key).await.expect("GET");
+    assert!(value.starts_with(b"sluice-fp1:"), "{}", String::from_utf8_lossy(&value));
+
+    let wait_for = |w: &mut WorkerProcess, text: &str| {
+        let start = Instant::now();
+        while !w.log_text().contains(text) {
+            w.assert_running();
+            assert!(start.elapsed() < DEADLINE, "no `{text}` within {DEADLINE:?}:\n{}", w.log_tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut same = run("same.log");
+    wait_for(&mut same, "partition state restored");
+    assert!(same.terminate().success(), "{}", same.log_tail());
+    assert!(!same.log_text().contains("another definition"), "{}", same.log_tail());
+
+    write_spec(dir.path(), &spec("2h"));
+    let mut edited = run("edited.log");
+    wait_for(&mut edited, "written by another definition of its step");
+    assert!(edited.terminate().success(), "{}", edited.log_tail());
+    assert!(!edited.log_text().contains("partition state restored"), "{}", edited.log_tail());
+}

@@ -14,6 +14,7 @@
 //! the engine at memory speed and makes Redis a recovery medium, not a
 //! per-message round trip.
 
+pub mod fingerprint;
 pub mod memory;
 pub mod redis;
 
