@@ -239,12 +239,16 @@ impl KafkaDeadLetters {
         let (end, start) = tokio::task::block_in_place(|| -> Result<_, RedriveError> {
             let timeout = Duration::from_secs(10);
             let md = consumer.fetch_metadata(Some(&topic), timeout).map_err(|e| read(e.to_string()))?;
-            let partitions: Vec<i32> = md
-                .topics()
-                .iter()
-                .filter(|t| t.name() == topic && t.error().is_none())
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
+            let mut partitions: Vec<i32> = Vec::new();
+            for t in md.topics().iter().filter(|t| t.name() == topic) {
+                match t.error() {
+                    None => partitions.extend(t.partitions().iter().map(|p| p.id())),
+                    // No topic: nothing was ever dead-lettered.
+                    Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => {}
+                    // Anything else (no leader yet, ...) must not pass for "empty".
+                    Some(e) => return Err(read(format!("metadata: {e:?}"))),
+                }
+            }
             let mut tpl = TopicPartitionList::new();
             let mut low_high = BTreeMap::new();
             for p in &partitions {
