@@ -68,6 +68,9 @@ pub struct SecureListener {
     /// SASL_SSL with a serving certificate from a CA generated for this
     /// broker ([`Kafka::ca_pem`]); false: SASL_PLAINTEXT.
     pub tls: bool,
+    /// With `tls`: mutual TLS as well (`ssl.client.auth=required`); clients
+    /// present a certificate signed by the same CA ([`Kafka::client_cert`]).
+    pub client_auth: bool,
 }
 
 impl Default for KafkaConfig {
@@ -96,6 +99,8 @@ pub struct Kafka {
     secure_port: Option<u16>,
     /// The CA that signed the SECURE listener's certificate (PEM).
     ca_pem: Option<String>,
+    /// A client certificate that CA signed, for mutual TLS.
+    client_cert: Option<crate::pki::CertPair>,
     dir: TempDir,
 }
 
@@ -133,6 +138,7 @@ impl Kafka {
         );
         let mut properties = properties;
         let mut ca_pem = None;
+        let mut client_cert = None;
         if let Some(secure) = &config.secure {
             let plain_users: String =
                 secure.plain_users.iter().map(|(name, password)| format!(" user_{name}=\"{password}\"")).collect();
@@ -160,6 +166,16 @@ impl Kafka {
                         ("private_key", &property_pem(&tls.server.key_pem)),
                     ],
                 ));
+                if secure.client_auth {
+                    properties.push_str(&format!(
+                        "\n# Mutual TLS: clients present a certificate the same CA signed.\n\
+                         listener.name.secure.ssl.client.auth=required\n\
+                         listener.name.secure.ssl.truststore.type=PEM\n\
+                         listener.name.secure.ssl.truststore.certificates={}\n",
+                        property_pem(&tls.ca_pem)
+                    ));
+                    client_cert = Some(tls.client.clone());
+                }
                 write(SERVER, &dir.path().join("ca.crt"), &tls.ca_pem)?;
                 ca_pem = Some(tls.ca_pem);
             }
@@ -205,6 +221,7 @@ impl Kafka {
             host: config.host,
             secure_port: config.secure.is_some().then_some(secure_port),
             ca_pem,
+            client_cert,
             dir,
         };
         kafka.launch()?;
@@ -257,6 +274,12 @@ impl Kafka {
     /// (also in `<dir>/ca.crt`); `None` without TLS.
     pub fn ca_pem(&self) -> Option<&str> {
         self.ca_pem.as_deref()
+    }
+
+    /// A client certificate and key the SECURE listener accepts
+    /// ([`SecureListener::client_auth`]); `None` without mutual TLS.
+    pub fn client_cert(&self) -> Option<&crate::pki::CertPair> {
+        self.client_cert.as_ref()
     }
 
     pub fn broker_port(&self) -> u16 {

@@ -130,20 +130,24 @@ impl TinyCa {
     }
 }
 
-/// A broker's TLS identity for the test harness: a CA of its own and a
-/// serving certificate for `localhost` and `ips`, signed by it. Clients
-/// trust `ca_pem`; the broker serves `server`.
+/// A broker's TLS identity for the test harness: a CA of its own, a
+/// serving certificate for `localhost` and `ips` and a client certificate
+/// (CN `sluice-worker`, for mutual TLS), both signed by it. Clients trust
+/// `ca_pem`; the broker serves `server` and, verifying clients, trusts
+/// `ca_pem` too.
 #[derive(Debug, Clone)]
 pub struct BrokerTls {
     pub ca_pem: String,
     pub server: CertPair,
+    pub client: CertPair,
 }
 
 impl BrokerTls {
     pub fn generate(broker: &str, ips: &[IpAddr]) -> Result<Self, PkiError> {
         let ca = TinyCa::new(&format!("{broker}-test-ca"))?;
         let server = ca.issue(&CertSpec::server(broker, &["localhost"], ips))?;
-        Ok(BrokerTls { ca_pem: ca.cert_pem().to_string(), server })
+        let client = ca.issue(&CertSpec::client("sluice-worker", &[]))?;
+        Ok(BrokerTls { ca_pem: ca.cert_pem().to_string(), server, client })
     }
 }
 

@@ -53,11 +53,23 @@ pub struct NatsConfig {
     /// harness generates for this server ([`Nats::ca_pem`], `<dir>/ca.crt`).
     /// The monitoring port stays plain HTTP.
     pub tls: bool,
+    /// With `tls`: mutual TLS as well (`--tlsverify`); clients present a
+    /// certificate the same CA signed ([`Nats::client_cert`]).
+    pub verify_clients: bool,
+    /// A token every client must log in with (`--auth`); none by default.
+    pub token: Option<String>,
 }
 
 impl Default for NatsConfig {
     fn default() -> Self {
-        Self { args: Vec::new(), start_timeout: DEFAULT_START_TIMEOUT, user: None, tls: false }
+        Self {
+            args: Vec::new(),
+            start_timeout: DEFAULT_START_TIMEOUT,
+            user: None,
+            tls: false,
+            verify_clients: false,
+            token: None,
+        }
     }
 }
 
@@ -71,6 +83,8 @@ pub struct Nats {
     start_timeout: Duration,
     /// The CA of the TLS certificate, when [`NatsConfig::tls`] is set.
     ca_pem: Option<String>,
+    /// A client certificate that CA signed, with [`NatsConfig::verify_clients`].
+    client_cert: Option<sluice_dev::pki::CertPair>,
     dir: TempDir,
 }
 
@@ -99,7 +113,11 @@ impl Nats {
         if let Some((user, password)) = &config.user {
             command.args(["--user", user, "--pass", password]);
         }
+        if let Some(token) = &config.token {
+            command.args(["--auth", token]);
+        }
         let mut ca_pem = None;
+        let mut client_cert = None;
         if config.tls {
             let tls =
                 sluice_dev::pki::BrokerTls::generate("nats", &[std::net::Ipv4Addr::LOCALHOST.into()]).map_err(|e| {
@@ -114,6 +132,10 @@ impl Nats {
             write(SERVER, &key, &tls.server.key_pem)?;
             write(SERVER, &dir.path().join("ca.crt"), &tls.ca_pem)?;
             command.arg("--tls").arg("--tlscert").arg(&cert).arg("--tlskey").arg(&key);
+            if config.verify_clients {
+                command.arg("--tlsverify").arg("--tlscacert").arg(dir.path().join("ca.crt"));
+                client_cert = Some(tls.client.clone());
+            }
             ca_pem = Some(tls.ca_pem);
         }
         command.args(&config.args);
@@ -123,6 +145,7 @@ impl Nats {
             monitor_port,
             start_timeout: config.start_timeout,
             ca_pem,
+            client_cert,
             dir,
         };
         nats.launch()?;
@@ -151,6 +174,12 @@ impl Nats {
     /// (also in `<dir>/ca.crt`).
     pub fn ca_pem(&self) -> Option<&str> {
         self.ca_pem.as_deref()
+    }
+
+    /// A client certificate and key the server accepts
+    /// ([`NatsConfig::verify_clients`]); `None` without mutual TLS.
+    pub fn client_cert(&self) -> Option<&sluice_dev::pki::CertPair> {
+        self.client_cert.as_ref()
     }
 
     /// The HTTP monitoring port (`/healthz`, `/jsz`, `/connz`).

@@ -1,7 +1,8 @@
 //! The connectors against secured brokers, through the real `sluice-worker`
 //! binary: Kafka with SASL over TLS (SCRAM-SHA-512 for the source, PLAIN for
-//! the sink, a CA generated per broker), NATS with a user, a password and
-//! TLS, Redis with `requirepass`. Credentials reach the worker exactly as the
+//! the sink, a CA generated per broker) and with mutual TLS and
+//! SCRAM-SHA-256, NATS with a user, a password and TLS and with a token and
+//! mutual TLS, Redis with `requirepass`. Credentials reach the worker exactly as the
 //! operator passes them: the Secret references in the spec, turned into
 //! `SLUICE_SECRET_*` variables by `sluice_crds::secrets::secret_envs`.
 //!
@@ -239,6 +240,7 @@ fn kafka_sasl_ssl_scram_and_plain_end_to_end_with_the_lag_probe() {
             scram_users: vec![("alice".into(), "alice-secret".into())],
             plain_users: vec![("bob".into(), "bob-secret".into())],
             tls: true,
+            client_auth: false,
         }),
         ..Default::default()
     })
@@ -316,6 +318,14 @@ fn kafka_sasl_ssl_scram_and_plain_end_to_end_with_the_lag_probe() {
     drop(untrusting);
 
     let mut worker = Worker::start(dir.path(), "kafka", &spec, &good);
+    assert_all_ids(&kafka_output_ids(&kafka, &mut worker));
+    worker.wait_for_readyz(200);
+    wait_for_lag(&source, &credentials("alice-secret"), 0);
+}
+
+/// Reads topic `out` (through the harness's plaintext listener) until every
+/// id is there, checking that the pipeline's map ran.
+fn kafka_output_ids(kafka: &Kafka, worker: &mut Worker) -> HashSet<u64> {
     let deadline = Instant::now() + STREAM_DEADLINE;
     let mut seen = HashSet::new();
     while seen.len() < N as usize {
@@ -336,9 +346,84 @@ fn kafka_sasl_ssl_scram_and_plain_end_to_end_with_the_lag_probe() {
         seen = records.iter().filter_map(|r| id_of(&r.payload)).collect();
         eprintln!("kafka out: {} of {N} ids", seen.len());
     }
-    assert_all_ids(&seen);
+    seen
+}
+
+/// Mutual TLS (the broker requires a client certificate) with SCRAM-SHA-256;
+/// the sink and the dead letters name no brokers, so they take the source's
+/// cluster and its whole login, client certificate included.
+#[test]
+fn kafka_mutual_tls_and_scram_sha_256_with_the_sink_inheriting_the_login() {
+    let kafka = Kafka::start_with(KafkaConfig {
+        secure: Some(SecureListener {
+            scram_users: vec![("carol".into(), "carol-secret".into())],
+            tls: true,
+            client_auth: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ca = kafka.ca_pem().expect("a CA with tls").to_string();
+    let client = kafka.client_cert().expect("a client certificate with client_auth").clone();
+    for (topic, partitions) in [("in", 4), ("out", 4), ("dlq", 1)] {
+        kafka.create_topic(topic, partitions).expect("topic");
+    }
+    let produced = kafka.produce("in", (0..N).map(|id| (Some(format!("k{}", id % 16)), payload(id)))).expect("produce");
+    assert_eq!(produced as u64, N);
+
+    let secure = kafka.secure_bootstrap();
+    let source_with = |tls: Value| {
+        json!({"kafka": {
+            "brokers": [secure], "topic": "in", "group": "mutual", "startFrom": "earliest",
+            "auth": {"sasl": {"mechanism": "SCRAM-SHA-256", "secretRef": {"name": "kafka-carol"}}, "tls": tls},
+        }})
+    };
+    let ca_ref = json!({"caSecretRef": {"name": "kafka-ca", "key": "ca.crt"}});
+    let source = source_with(json!({"caSecretRef": ca_ref["caSecretRef"], "clientCertSecretName": "worker-cert"}));
+    let spec_with = |source: &Value| {
+        json!({
+            "source": source,
+            "pipeline": pipeline(),
+            "sink": {"kafka": {"topic": "out", "key": "msg.key"}},
+            "deadLetter": {"kafka": {"topic": "dlq"}},
+            "workers": 2,
+            "batchSize": 500
+        })
+    };
+    let good = secrets(&[
+        ("kafka-carol", "username", "carol"),
+        ("kafka-carol", "password", "carol-secret"),
+        ("kafka-ca", "ca.crt", &ca),
+        ("worker-cert", "tls.crt", &client.cert_pem),
+        ("worker-cert", "tls.key", &client.key_pem),
+    ]);
+    let credentials = |with_cert: bool| Credentials {
+        username: Some("carol".into()),
+        password: Some("carol-secret".into()),
+        ca_pem: Some(ca.clone()),
+        client_cert_pem: with_cert.then(|| client.cert_pem.clone()),
+        client_key_pem: with_cert.then(|| client.key_pem.clone()),
+        ..Default::default()
+    };
+
+    assert_eq!(probe(&source, credentials(true)).expect("probe with the client certificate").total, N);
+    let refused = probe(&source_with(ca_ref.clone()), credentials(false)).expect_err("no client certificate");
+    assert!(refused.to_string().contains("spec.source.kafka.auth.tls"), "{refused}");
+    eprintln!("Kafka probe without a client certificate: {refused}");
+
+    // Without a client certificate the broker ends the handshake; the
+    // worker stays up, not ready, and names the brokers.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut without = Worker::start(dir.path(), "kafka-no-cert", &spec_with(&source_with(ca_ref.clone())), &good);
+    let line = without.assert_refused(&["spec.source.kafka.auth.tls", &secure]);
+    eprintln!("Kafka worker without a client certificate: {line}");
+    drop(without);
+
+    let mut worker = Worker::start(dir.path(), "kafka-mutual", &spec_with(&source), &good);
+    assert_all_ids(&kafka_output_ids(&kafka, &mut worker));
     worker.wait_for_readyz(200);
-    wait_for_lag(&source, &credentials("alice-secret"), 0);
+    wait_for_lag(&source, &credentials(true), 0);
 }
 
 // ------------------------------------------------------------------- nats --
@@ -362,29 +447,7 @@ fn nats_user_password_and_tls_end_to_end_with_the_lag_probe() {
     .unwrap_or_else(|e| panic!("{e}"));
     let ca = nats.ca_pem().expect("a CA with tls").to_string();
     let rt = runtime();
-    rt.block_on(async {
-        let client = nats_client(&nats, "alice", "alice-secret").await;
-        let js = async_nats::jetstream::new(client);
-        for (name, subject) in [("IN", "in"), ("OUT", "out"), ("DLQ", "dlq")] {
-            js.create_stream(async_nats::jetstream::stream::Config {
-                name: name.into(),
-                subjects: vec![subject.into()],
-                ..Default::default()
-            })
-            .await
-            .expect("create stream");
-        }
-        // Acks awaited in windows: the context bounds the publishes in flight.
-        let mut acks = Vec::with_capacity(1000);
-        for id in 0..N {
-            acks.push(js.publish("in", payload(id).into()).await.expect("publish"));
-            if acks.len() == 1000 || id == N - 1 {
-                for ack in acks.drain(..) {
-                    ack.await.expect("publish ack");
-                }
-            }
-        }
-    });
+    rt.block_on(async { nats_fill(nats_client(&nats, "alice", "alice-secret").await).await });
 
     let servers = [nats.url()];
     let auth = json!({
@@ -429,9 +492,21 @@ fn nats_user_password_and_tls_end_to_end_with_the_lag_probe() {
     drop(refused);
 
     let mut worker = Worker::start(dir.path(), "nats", &spec, &good);
-    let seen = rt.block_on(async {
-        let client = nats_client(&nats, "alice", "alice-secret").await;
-        let js = async_nats::jetstream::new(client);
+    let seen = nats_output_ids(&rt, nats_client(&nats, "alice", "alice-secret"), &mut worker);
+    assert_all_ids(&seen);
+    worker.wait_for_readyz(200);
+    wait_for_lag(&source, &credentials("alice-secret"), 0);
+}
+
+/// Reads stream OUT with `client` until every id is there, checking that
+/// the pipeline's map ran.
+fn nats_output_ids(
+    rt: &tokio::runtime::Runtime,
+    client: impl std::future::Future<Output = async_nats::Client>,
+    worker: &mut Worker,
+) -> HashSet<u64> {
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(client.await);
         let stream = js.get_stream("OUT").await.expect("OUT");
         let consumer = stream
             .create_consumer(async_nats::jetstream::consumer::pull::Config {
@@ -457,10 +532,118 @@ fn nats_user_password_and_tls_end_to_end_with_the_lag_probe() {
             }
         }
         seen
-    });
+    })
+}
+
+/// Creates streams IN, OUT and DLQ and publishes the N inputs to IN.
+async fn nats_fill(client: async_nats::Client) {
+    let js = async_nats::jetstream::new(client);
+    for (name, subject) in [("IN", "in"), ("OUT", "out"), ("DLQ", "dlq")] {
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: name.into(),
+            subjects: vec![subject.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    }
+    // Acks awaited in windows: the context bounds the publishes in flight.
+    let mut acks = Vec::with_capacity(1000);
+    for id in 0..N {
+        acks.push(js.publish("in", payload(id).into()).await.expect("publish"));
+        if acks.len() == 1000 || id == N - 1 {
+            for ack in acks.drain(..) {
+                ack.await.expect("publish ack");
+            }
+        }
+    }
+}
+
+/// A token login over mutual TLS (the server verifies client certificates).
+#[test]
+fn nats_token_and_mutual_tls_end_to_end_with_the_lag_probe() {
+    let nats = Nats::start_with(NatsConfig {
+        token: Some("s3cr3t-token".into()),
+        tls: true,
+        verify_clients: true,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ca = nats.ca_pem().expect("a CA with tls").to_string();
+    let cert = nats.client_cert().expect("a client certificate with verify_clients").clone();
+    let connect = || {
+        let dir = nats.dir().to_path_buf();
+        let (crt, key) = (dir.join("test-client.crt"), dir.join("test-client.key"));
+        std::fs::write(&crt, &cert.cert_pem).expect("write the client certificate");
+        std::fs::write(&key, &cert.key_pem).expect("write the client key");
+        let url = nats.url();
+        async move {
+            async_nats::ConnectOptions::with_token("s3cr3t-token".into())
+                .add_root_certificates(dir.join("ca.crt"))
+                .add_client_certificate(crt, key)
+                .require_tls(true)
+                .connect(url)
+                .await
+                .expect("the test's own NATS client connects with the token and its certificate")
+        }
+    };
+    let rt = runtime();
+    rt.block_on(async { nats_fill(connect().await).await });
+
+    let servers = [nats.url()];
+    let auth_with = |tls: Value| json!({"tokenSecretRef": {"name": "nats-token", "key": "token"}, "tls": tls});
+    let ca_ref = json!({"caSecretRef": {"name": "nats-ca", "key": "ca.crt"}});
+    let auth = auth_with(json!({"caSecretRef": ca_ref["caSecretRef"], "clientCertSecretName": "worker-cert"}));
+    let spec_with = |auth: &Value| {
+        json!({
+            "source": {"nats": {"servers": servers, "stream": "IN", "consumer": "mutual", "auth": auth}},
+            "pipeline": pipeline(),
+            "sink": {"nats": {"servers": servers, "subject": "out", "auth": auth}},
+            "deadLetter": {"nats": {"servers": servers, "subject": "dlq", "auth": auth}},
+            "workers": 2,
+            "batchSize": 500
+        })
+    };
+    let spec = spec_with(&auth);
+    let source = spec["source"].clone();
+    let good = secrets(&[
+        ("nats-token", "token", "s3cr3t-token"),
+        ("nats-ca", "ca.crt", &ca),
+        ("worker-cert", "tls.crt", &cert.cert_pem),
+        ("worker-cert", "tls.key", &cert.key_pem),
+    ]);
+    let credentials = |token: &str, with_cert: bool| Credentials {
+        token: Some(token.into()),
+        ca_pem: Some(ca.clone()),
+        client_cert_pem: with_cert.then(|| cert.cert_pem.clone()),
+        client_key_pem: with_cert.then(|| cert.key_pem.clone()),
+        ..Default::default()
+    };
+
+    assert_probe_refused(&source, credentials("wrong", true), "spec.source.nats.auth");
+    assert_eq!(probe(&source, credentials("s3cr3t-token", true)).expect("probe").total, N);
+    let no_cert = spec_with(&auth_with(ca_ref.clone()))["source"].clone();
+    let refused = probe(&no_cert, credentials("s3cr3t-token", false)).expect_err("no client certificate");
+    assert!(refused.to_string().contains("spec.source.nats.auth.tls"), "{refused}");
+    eprintln!("NATS probe without a client certificate: {refused}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut bad = good.clone();
+    bad.insert(("nats-token".into(), "token".into()), "wrong".into());
+    let mut refused = Worker::start(dir.path(), "nats-wrong-token", &spec, &bad);
+    let line = refused.assert_refused(&["spec.source.nats.auth", &nats.url()]);
+    eprintln!("wrong NATS token: {line}");
+    drop(refused);
+    let mut without = Worker::start(dir.path(), "nats-no-cert", &spec_with(&auth_with(ca_ref)), &good);
+    let line = without.assert_refused(&["spec.source.nats.auth.tls", &nats.url()]);
+    eprintln!("NATS worker without a client certificate: {line}");
+    drop(without);
+
+    let mut worker = Worker::start(dir.path(), "nats-mutual", &spec, &good);
+    let seen = nats_output_ids(&rt, connect(), &mut worker);
     assert_all_ids(&seen);
     worker.wait_for_readyz(200);
-    wait_for_lag(&source, &credentials("alice-secret"), 0);
+    wait_for_lag(&source, &credentials("s3cr3t-token", true), 0);
 }
 
 // ------------------------------------------------------------------ redis --

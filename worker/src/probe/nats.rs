@@ -109,8 +109,10 @@ impl NatsProbe {
                         field: AUTH_FIELD,
                         detail,
                     },
-                    // rustls' verdict on the server's certificate comes as an IO error.
-                    ConnectErrorKind::Tls | ConnectErrorKind::Io if detail.contains("certificate") => {
+                    // rustls' verdict on the server's certificate comes as an
+                    // IO error, and so does the server's on ours (an alert,
+                    // e.g. "CertificateRequired" under mutual TLS).
+                    ConnectErrorKind::Tls | ConnectErrorKind::Io if detail.to_lowercase().contains("certificate") => {
                         ProbeError::Unreachable {
                             broker: Broker::Nats,
                             endpoint: self.endpoint.clone(),

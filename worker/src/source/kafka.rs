@@ -124,7 +124,13 @@ pub fn auth_field(error: &KafkaError, reason: &str) -> Option<&'static str> {
 pub fn refusal_field(text: &str) -> Option<&'static str> {
     if text.contains("SASL authentication error") || text.contains("SASL authentication failed") {
         Some("auth.sasl.secretRef")
-    } else if text.contains("SSL handshake failed") || text.contains("certificate verify failed") {
+    } else if text.contains("SSL handshake failed")
+        || text.contains("certificate verify failed")
+        // The broker ended the handshake with a TLS alert: with mutual TLS,
+        // no client certificate or one its CA did not sign (42 bad
+        // certificate, 48 unknown CA, 116 certificate required).
+        || text.contains("SSL alert number")
+    {
         Some("auth.tls")
     } else {
         None
@@ -573,6 +579,13 @@ mod tests {
             .expect("config");
         assert_eq!(c.get("security.protocol"), Some("ssl"));
         assert_eq!(c.get("ssl.ca.pem"), Some("pem-SLUICE_SECRET_SOURCE_TLS_CA"));
+    }
+
+    #[test]
+    fn a_broker_refusing_the_client_certificate_names_the_tls_settings() {
+        let text = "sasl_ssl://127.0.0.1:38747/bootstrap: Receive failed: error:0A000412:SSL routines::sslv3 alert bad certificate: SSL alert number 42 (after 0ms in state APIVERSION_QUERY)";
+        assert_eq!(refusal_field(text), Some("auth.tls"));
+        assert_eq!(refusal_field("Connect to ipv4#127.0.0.1:9093 failed: Connection refused"), None);
     }
 
     #[test]

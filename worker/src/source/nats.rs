@@ -206,9 +206,9 @@ pub fn log_connection_events(
                     "TLS with NATS failed: check that the servers speak TLS and that {field}.auth.tls.caSecretRef names the CA that signs their certificates; retrying");
             } else {
                 // async-nats names only the kind here ("IO error"), and a
-                // certificate the CA does not sign is one too.
+                // certificate either side refuses is one too.
                 tracing::warn!(field = %format!("{field}.servers"), %servers, error = %detail,
-                    "cannot connect to NATS: check that {field}.servers are up and reachable (and, with {field}.auth.tls, the CA in caSecretRef); retrying");
+                    "cannot connect to NATS: check that {field}.servers are up and reachable (and, with {field}.auth.tls, that caSecretRef names the CA of their certificates and, if they verify clients, clientCertSecretName a certificate they accept); retrying");
             }
         }
     })
