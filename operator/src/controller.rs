@@ -171,10 +171,12 @@ pub async fn run(
     // Every status patch comes back as an event on the processor: only a new
     // generation (spec, scale subresource) or a deletion calls for a reconcile.
     let (processor_cache, processor_writer) = reflector::store::<DeserializeGuard<StreamProcessor>>();
+    let gone = (ctx.clone(), processor_cache.clone());
     let processor_events = watcher(processors, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(|p| p.meta_mut().managed_fields = None)
         .reflect(processor_writer)
+        .inspect(move |event| forget_deleted(&gone.0, &gone.1, event))
         .applied_objects()
         .predicate_filter(processor_fingerprint, PredicateConfig::default());
     info!(namespace = ns.unwrap_or("<all>"), "starting the StreamProcessor controller");
@@ -226,6 +228,23 @@ pub async fn run(
         })
         .await;
     info!("the StreamProcessor controller stopped");
+}
+
+/// A deleted processor is not reconciled again (no finalizer), so what the
+/// operator keeps for it is dropped here: on its Delete event, and after a
+/// relist for every processor the cache no longer has.
+fn forget_deleted(
+    ctx: &Context,
+    cache: &reflector::Store<DeserializeGuard<StreamProcessor>>,
+    event: &Result<watcher::Event<DeserializeGuard<StreamProcessor>>, watcher::Error>,
+) {
+    match event {
+        Ok(watcher::Event::Delete(p)) => ctx.forget(&p.namespace().unwrap_or_default(), &p.name_any()),
+        Ok(watcher::Event::InitDone) => ctx.forget_all_but(|ns, name| {
+            cache.get(&ObjectRef::<DeserializeGuard<StreamProcessor>>::new(name).within(ns)).is_some()
+        }),
+        _ => {}
+    }
 }
 
 /// What of a processor calls for a reconcile: its generation (spec and

@@ -32,6 +32,11 @@ pub trait LagProbe: Send + Sync {
         sp: &'a StreamProcessor,
         secrets: &'a ResolvedSecrets,
     ) -> BoxFuture<'a, Result<Vec<PartitionLag>, ProbeError>>;
+
+    /// The processor is gone: drop whatever the probe keeps for it.
+    fn forget(&self, namespace: &str, name: &str) {
+        let _ = (namespace, name);
+    }
 }
 
 /// The real probe: `sluice_worker::probe`, one connection per processor and
@@ -125,11 +130,9 @@ impl LagProbe for BrokerProbe {
             Ok(partitions)
         })
     }
-}
 
-impl BrokerProbe {
-    /// Drop the connection of a deleted processor.
-    pub fn forget(&self, namespace: &str, name: &str) {
+    /// Drops the connection of a deleted processor (its client threads and sockets).
+    fn forget(&self, namespace: &str, name: &str) {
         if let Ok(mut map) = self.probes.lock() {
             map.remove(&(namespace.to_string(), name.to_string()));
         }

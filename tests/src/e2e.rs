@@ -87,15 +87,19 @@ pub async fn start_cluster() -> E2eCluster {
     cluster
 }
 
-/// What [`diagnose`] needs of a cluster.
+/// What [`diagnose`] and [`chart_operator_client`] need of a cluster.
 pub trait Inspect {
     fn kubectl(&self) -> std::process::Command;
     fn audit(&self) -> Option<Vec<sluice_dev::audit::AuditRecord>>;
+    fn kubeconfig_path(&self) -> PathBuf;
 }
 
 impl Inspect for Cluster {
     fn kubectl(&self) -> std::process::Command {
         Cluster::kubectl(self)
+    }
+    fn kubeconfig_path(&self) -> PathBuf {
+        Cluster::kubeconfig_path(self)
     }
     fn audit(&self) -> Option<Vec<sluice_dev::audit::AuditRecord>> {
         self.audit_records().ok()
@@ -106,8 +110,93 @@ impl Inspect for E2eCluster {
     fn kubectl(&self) -> std::process::Command {
         E2eCluster::kubectl(self)
     }
+    fn kubeconfig_path(&self) -> PathBuf {
+        E2eCluster::kubeconfig_path(self)
+    }
     fn audit(&self) -> Option<Vec<sluice_dev::audit::AuditRecord>> {
         self.audit_records()
+    }
+}
+
+/// The namespace and release the suites install the chart's operator
+/// identity under, and the user the API server sees for it.
+pub const OPERATOR_NAMESPACE: &str = "sluice-system";
+const OPERATOR_RELEASE: &str = "sluice";
+pub const OPERATOR_USER: &str = "system:serviceaccount:sluice-system:sluice-sluice-operator";
+
+/// A client that is the operator as the chart installs it: the chart's
+/// ServiceAccount, ClusterRole and ClusterRoleBinding, rendered by helm from
+/// charts/sluice and applied, and a TokenRequest token for that account. The
+/// suites run their in-process operator with it, not with the admin
+/// credentials, so a rule the chart lacks fails them (a 403) as it would a
+/// user's install.
+pub async fn chart_operator_client(cluster: &(impl Inspect + ?Sized), admin: &Client) -> Client {
+    use k8s_openapi::api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    };
+    let helm = crate::require_tool(
+        "helm",
+        "bash dev/scripts/build-cluster.sh, then put its bin folder on PATH (make test does)",
+    );
+    let out = std::process::Command::new(helm)
+        .args(["template", OPERATOR_RELEASE, "charts/sluice", "--namespace", OPERATOR_NAMESPACE])
+        .args(["--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"])
+        .current_dir(crate::repo_root())
+        .output()
+        .expect("run helm template");
+    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    let ns: Namespace = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}
+    }))
+    .expect("namespace");
+    Api::<Namespace>::all(admin.clone())
+        .patch(OPERATOR_NAMESPACE, &PatchParams::apply("sluice-e2e").force(), &Patch::Apply(&ns))
+        .await
+        .expect("create the operator's namespace");
+    let mut apply = cluster
+        .kubectl()
+        .args(["apply", "--server-side", "--field-manager=sluice-e2e", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run kubectl apply");
+    std::io::Write::write_all(&mut apply.stdin.take().expect("stdin"), &out.stdout).expect("write the chart's RBAC");
+    let applied = apply.wait_with_output().expect("kubectl apply");
+    assert!(applied.status.success(), "applying the chart's RBAC: {}", String::from_utf8_lossy(&applied.stderr));
+
+    let account = OPERATOR_USER.rsplit(':').next().expect("account name");
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec { expiration_seconds: Some(4 * 3600), ..Default::default() }),
+        ..Default::default()
+    };
+    let token = Api::<ServiceAccount>::namespaced(admin.clone(), OPERATOR_NAMESPACE)
+        .create_token_request(account, &Default::default(), &request)
+        .await
+        .expect("a token for the chart's operator ServiceAccount")
+        .status
+        .expect("token status")
+        .token;
+
+    // The admin kubeconfig with its user's credentials replaced by the token.
+    let path = cluster.kubeconfig_path();
+    let kc = kube::config::Kubeconfig::read_from(&path).expect("read the kubeconfig");
+    let mut value = serde_json::to_value(&kc).expect("kubeconfig as JSON");
+    for user in value["users"].as_array_mut().expect("kubeconfig users") {
+        user["user"] = json!({ "token": token });
+    }
+    let kc: kube::config::Kubeconfig = serde_json::from_value(value).expect("kubeconfig with the token");
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.expect("client config");
+    Client::try_from(config).expect("the operator's client")
+}
+
+/// Fails naming every request of the chart's operator identity the API
+/// server refused (a local cluster: its audit log; elsewhere nothing to read).
+pub fn assert_operator_never_denied(cluster: &(impl Inspect + ?Sized)) {
+    if let Some(records) = cluster.audit() {
+        let denied: Vec<_> = records.iter().filter(|r| r.user == OPERATOR_USER && r.code == 403).collect();
+        assert!(denied.is_empty(), "the chart's RBAC denied the operator: {denied:#?}");
     }
 }
 
@@ -244,11 +333,13 @@ pub fn init_logs() {
         .try_init();
 }
 
-/// The operator's controller run in the test process (admin credentials),
-/// watching one namespace, with the project's image for its workers.
+/// The operator's controller run in the test process, watching one
+/// namespace, with the project's image for its workers. The suites give it
+/// the chart's identity ([`chart_operator_client`]).
 pub struct InProcessOperator {
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    metrics: sluice_operator::metrics::Metrics,
 }
 
 impl InProcessOperator {
@@ -264,19 +355,25 @@ impl InProcessOperator {
     fn start_in(client: &Client, namespace: Option<&str>) -> Self {
         use sluice_operator::{build::Settings, controller, metrics::Metrics, probe::BrokerProbe};
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let metrics = Metrics::new();
         let settings =
             Settings { worker_image: IMAGE.into(), image_pull_policy: "Never".into(), termination_grace_seconds: 10 };
         let task = tokio::spawn(controller::run(
             client.clone(),
             namespace.map(str::to_string),
             settings,
-            Metrics::new(),
+            metrics.clone(),
             std::sync::Arc::new(BrokerProbe::default()),
             async move {
                 let _ = stopped.wait_for(|v| *v).await;
             },
         ));
-        Self { stop, task }
+        Self { stop, task, metrics }
+    }
+
+    /// Its `/metrics` page, as the operator serves it.
+    pub fn metrics(&self) -> String {
+        self.metrics.render()
     }
 
     /// Stop the controller and wait (bounded) for it to finish.

@@ -17,7 +17,10 @@ use serde_json::json;
 use sluice_crds::StreamProcessor;
 use sluice_tests::{
     brokers::{Kafka, KafkaConfig},
-    e2e::{InProcessOperator, condition, eventually_on, restricted_namespace, start_cluster},
+    e2e::{
+        InProcessOperator, assert_operator_never_denied, chart_operator_client, condition, eventually_on,
+        restricted_namespace, start_cluster,
+    },
 };
 
 const NS: &str = "scaling";
@@ -40,7 +43,7 @@ async fn a_backlog_scales_to_the_partition_cap_and_back() {
     kafka.create_topic("orders", 12).expect("create orders");
     kafka.create_topic("orders-out", 12).expect("create orders-out");
 
-    let operator = InProcessOperator::start(&client, NS);
+    let operator = InProcessOperator::start(&chart_operator_client(&cluster, &client).await, NS);
 
     let sps: Api<StreamProcessor> = Api::namespaced(client.clone(), NS);
     let sp: StreamProcessor = serde_json::from_value(json!({
@@ -153,4 +156,5 @@ async fn a_backlog_scales_to_the_partition_cap_and_back() {
     assert!(!down.is_empty(), "no scale-down Event");
 
     operator.stop().await;
+    assert_operator_never_denied(&cluster);
 }

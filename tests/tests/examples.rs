@@ -42,7 +42,10 @@ use sluice_crds::StreamProcessor;
 use sluice_dev::{bootstrap::HostPort, e2e::E2eCluster};
 use sluice_tests::{
     brokers::{Kafka, KafkaConfig, Nats, NatsConfig, Redis, RedisConfig},
-    e2e::{InProcessOperator, condition, eventually_on, install_crd, restricted_namespace, start_cluster},
+    e2e::{
+        InProcessOperator, assert_operator_never_denied, chart_operator_client, condition, eventually_on, install_crd,
+        restricted_namespace, start_cluster,
+    },
     repo_root,
 };
 
@@ -148,7 +151,7 @@ async fn every_broker_example_runs_as_written() {
     for ns in ["shop", "web", "payments", "gen"] {
         restricted_namespace(&client, ns).await;
     }
-    let operator = InProcessOperator::start_cluster_wide(&client);
+    let operator = InProcessOperator::start_cluster_wide(&chart_operator_client(&cluster, &client).await);
 
     // Brokers first, so each example starts against a ready one.
     let kafka = Kafka::start_with(KafkaConfig { host, ..KafkaConfig::default() }).unwrap_or_else(|e| panic!("{e}"));
@@ -204,6 +207,7 @@ async fn every_broker_example_runs_as_written() {
     check_generator_windows(&cluster).await;
 
     operator.stop().await;
+    assert_operator_never_denied(&cluster);
 }
 
 // ------------------------------------------------------------ kafka orders --

@@ -34,7 +34,10 @@ use serde_json::json;
 use sluice_crds::StreamProcessor;
 use sluice_tests::{
     brokers::{Kafka, KafkaConfig},
-    e2e::{InProcessOperator, condition, eventually_on, init_logs, install_crd, restricted_namespace},
+    e2e::{
+        InProcessOperator, assert_operator_never_denied, chart_operator_client, condition, eventually_on, init_logs,
+        install_crd, restricted_namespace,
+    },
     keda::{
         KafkaTrigger, ScaledObjectSpec, apply_scaled_object, replicas_managers, scaled_object_condition,
         scaled_objects, start_cluster_with_keda,
@@ -140,7 +143,7 @@ async fn keda_and_hpas_scale_stream_processors_through_the_scale_subresource() {
         kafka.create_topic(topic, 12).expect("create topic");
     }
     let bootstrap = kafka.bootstrap();
-    let operator = InProcessOperator::start(&client, NS);
+    let operator = InProcessOperator::start(&chart_operator_client(&cluster, &client).await, NS);
     let sps: Api<StreamProcessor> = Api::namespaced(client.clone(), NS);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), NS);
@@ -362,5 +365,6 @@ async fn keda_and_hpas_scale_stream_processors_through_the_scale_subresource() {
     .await;
 
     operator.stop().await;
+    assert_operator_never_denied(&cluster);
     eprintln!("KEDA e2e done in {:?}", t0.elapsed());
 }

@@ -24,7 +24,8 @@ use kube::{
 use serde_json::json;
 use sluice_crds::StreamProcessor;
 use sluice_tests::e2e::{
-    IMAGE, InProcessOperator, condition, eventually, install_crd, restricted_namespace, start_cluster,
+    IMAGE, InProcessOperator, assert_operator_never_denied, chart_operator_client, condition, eventually, install_crd,
+    restricted_namespace, start_cluster,
 };
 
 const NS: &str = "sluice-e2e";
@@ -56,7 +57,7 @@ async fn operator_runs_a_processor_on_the_real_node() {
     install_crd(&client).await;
     restricted_namespace(&client, NS).await;
 
-    let operator = InProcessOperator::start(&client, NS);
+    let operator = InProcessOperator::start(&chart_operator_client(&cluster, &client).await, NS);
 
     let sps: Api<StreamProcessor> = Api::namespaced(client.clone(), NS);
     let sp: StreamProcessor = serde_json::from_value(generator_processor("counts")).expect("manifest");
@@ -176,15 +177,24 @@ async fn operator_runs_a_processor_on_the_real_node() {
     })
     .await;
 
-    // Delete: the real garbage collector removes what the operator created.
-    sps.delete("counts", &DeleteParams::foreground()).await.expect("delete");
+    // Delete (background: the processor is gone at once and never
+    // reconciled again): the real garbage collector removes what the
+    // operator created, and the operator drops the processor's series.
+    let series = r#"name="counts""#;
+    assert!(operator.metrics().contains(series), "the processor has series:\n{}", operator.metrics());
+    sps.delete("counts", &DeleteParams::background()).await.expect("delete");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     eventually("the Deployment is garbage-collected", Duration::from_secs(60), || async {
         deployments.get_opt("counts").await.ok()?.is_none().then_some(())
     })
     .await;
+    eventually("the deleted processor's series are gone", Duration::from_secs(10), || async {
+        (!operator.metrics().contains(series)).then_some(())
+    })
+    .await;
 
     operator.stop().await;
+    assert_operator_never_denied(&cluster);
 }
 
 async fn deployment_hash(client: &Client) -> String {
@@ -217,7 +227,7 @@ async fn broker_problems_are_conditions_and_a_killed_worker_loses_nothing() {
     );
     kafka.create_topic("orders", 6).expect("topic");
     kafka.create_topic("orders-out", 6).expect("topic");
-    let operator = InProcessOperator::start(&client, ns);
+    let operator = InProcessOperator::start(&chart_operator_client(&cluster, &client).await, ns);
     let sps: Api<StreamProcessor> = Api::namespaced(client.clone(), ns);
     let degraded = |name: &'static str| {
         let sps = sps.clone();
@@ -356,6 +366,7 @@ async fn broker_problems_are_conditions_and_a_killed_worker_loses_nothing() {
     eprintln!("worker pod {victim} force-deleted with {at_kill} of {MESSAGES} ids out; all {MESSAGES} arrived");
 
     operator.stop().await;
+    assert_operator_never_denied(&cluster);
 }
 
 /// Where this machine is for the cluster's pods (the brokers start here).

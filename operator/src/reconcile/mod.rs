@@ -101,6 +101,30 @@ impl Context {
         Self { client, settings, metrics, recorder, probe, stores, scale: Mutex::default(), started: Instant::now() }
     }
 
+    /// Drops what the operator keeps for a processor between reconciles
+    /// (autoscaler memory, its gauges, the probe's broker connection): the
+    /// processor was deleted. Without a finalizer a deleted processor is
+    /// never reconciled again, so the controller's watch calls this.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.metrics.forget(namespace, name);
+        if let Ok(mut m) = self.scale.lock() {
+            m.remove(&(namespace.to_string(), name.to_string()));
+        }
+        self.probe.forget(namespace, name);
+    }
+
+    /// Keeps what the operator holds only for the processors `exists` names
+    /// (after a relist: deletions while the watch was down send no event).
+    pub fn forget_all_but(&self, exists: impl Fn(&str, &str) -> bool) {
+        let gone: Vec<(String, String)> = match self.scale.lock() {
+            Ok(m) => m.keys().filter(|(ns, name)| !exists(ns, name)).cloned().collect(),
+            Err(_) => return,
+        };
+        for (ns, name) in gone {
+            self.forget(&ns, &name);
+        }
+    }
+
     /// Monotonic milliseconds since the operator started.
     pub fn now_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -134,9 +158,7 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<StreamProcessor>>, ctx: Arc<C
     let started = Instant::now();
     let result = match &guard.0 {
         Ok(sp) if sp.metadata.deletion_timestamp.is_some() => {
-            let key = (sp.namespace().unwrap_or_default(), sp.name_any());
-            ctx.metrics.forget(&key.0, &key.1);
-            ctx.scale.lock().map(|mut m| m.remove(&key)).ok();
+            ctx.forget(&sp.namespace().unwrap_or_default(), &sp.name_any());
             Ok(Action::await_change())
         }
         Ok(sp) => reconcile_processor(sp, &ctx).await,
