@@ -65,6 +65,8 @@ const REDIS_CONSUMER: &str = "leader";
 const BATCH: usize = 500;
 /// How long a read waits for records that the end says exist.
 const READ_WAIT: Duration = Duration::from_secs(2);
+/// How long a Kafka read may go without a record before the attempt fails.
+const KAFKA_STALL: Duration = Duration::from_secs(60);
 /// Retry delays after a failed attempt: from the first, doubling to the last.
 const RETRY_FIRST: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
@@ -306,6 +308,7 @@ impl DeadLetterReader for KafkaDeadLetters {
     fn next(&mut self, max: usize) -> BoxFuture<'_, Result<Vec<Message>, RedriveError>> {
         Box::pin(async move {
             let mut batch = Vec::new();
+            let mut idle = Duration::ZERO;
             while !self.open.is_empty() && batch.len() < max {
                 let m = match tokio::time::timeout(READ_WAIT, self.consumer.recv()).await {
                     Ok(Ok(m)) => m,
@@ -319,6 +322,19 @@ impl DeadLetterReader for KafkaDeadLetters {
                         self.close_passed();
                         if !batch.is_empty() {
                             break;
+                        }
+                        // Records the end says exist do not come (brokers
+                        // unreachable): fail, so that the task logs it and
+                        // retries from the committed position later.
+                        idle += READ_WAIT;
+                        if idle >= KAFKA_STALL && !self.open.is_empty() {
+                            return Err(RedriveError::Read {
+                                target: format!("kafka/{}", self.topic),
+                                detail: format!(
+                                    "no record for {idle:?} although partitions {:?} have not reached their end",
+                                    self.open
+                                ),
+                            });
                         }
                         continue;
                     }
