@@ -764,24 +764,12 @@ pub async fn source_writer(spec: &StreamProcessorSpec) -> Result<Box<dyn Sink>, 
     let env = |v: &str| std::env::var(v).ok();
     let s = &spec.source;
     if let Some(k) = &s.kafka {
-        let target = sluice_crds::KafkaSink {
-            brokers: Some(k.brokers.clone()),
-            topic: k.topic.clone(),
-            key: None,
-            compression: sluice_crds::Compression::default(),
-            auth: k.auth.clone(),
-            properties: BTreeMap::new(),
-        };
+        let target = sink_spec(k, &["brokers", "topic", "auth"], serde_json::json!({}), "spec.source.kafka")?;
         return Ok(Box::new(KafkaSink::new(&target, Some(k), "SOURCE", "spec.source.kafka", &env)?));
     }
     if let Some(r) = &s.redis {
-        let target = sluice_crds::RedisSink {
-            url: r.url.clone(),
-            stream: r.stream.clone(),
-            max_len: None,
-            password_secret_ref: r.password_secret_ref.clone(),
-            dedupe: None,
-        };
+        let target =
+            sink_spec(r, &["url", "stream", "passwordSecretRef", "tls"], serde_json::json!({}), "spec.source.redis")?;
         return Ok(Box::new(RedisSink::new(&target, "SOURCE", "spec.source.redis", &env)?));
     }
     if let Some(n) = &s.nats {
@@ -792,8 +780,8 @@ pub async fn source_writer(spec: &StreamProcessorSpec) -> Result<Box<dyn Sink>, 
                 detail: "redrive publishes to one subject: set filterSubject to a subject without wildcards".into(),
             },
         )?;
-        let target =
-            sluice_crds::NatsSink { servers: n.servers.clone(), subject, max_in_flight: None, auth: n.auth.clone() };
+        let target: sluice_crds::NatsSink =
+            sink_spec(n, &["servers", "auth", "tls"], serde_json::json!({"subject": subject}), "spec.source.nats")?;
         // `NatsSink::new`'s future holds its `&dyn Fn` environment across
         // awaits, so it is not `Send`: run it to completion on this thread.
         let handle = tokio::runtime::Handle::current();
@@ -806,6 +794,28 @@ pub async fn source_writer(spec: &StreamProcessorSpec) -> Result<Box<dyn Sink>, 
         field: "spec.deadLetter.redrive",
         detail: format!("a {} source cannot take records back; remove redrive", s.kind()),
     })
+}
+
+/// A sink spec for the source's own endpoint: the `fields` of the source
+/// spec (address, login, TLS) and those of `extra`, nothing else (no key
+/// expression, no trimming, no dedupe), so that whatever connection
+/// settings a source gains, its redrive writer gains too.
+fn sink_spec<S: serde::Serialize, T: serde::de::DeserializeOwned>(
+    source: &S,
+    fields: &[&str],
+    extra: serde_json::Value,
+    field: &'static str,
+) -> Result<T, RedriveError> {
+    let config = |detail: String| RedriveError::Config { field, detail };
+    let serde_json::Value::Object(all) = serde_json::to_value(source).map_err(|e| config(e.to_string()))? else {
+        return Err(config("not an object".into()));
+    };
+    let mut kept: serde_json::Map<String, serde_json::Value> =
+        all.into_iter().filter(|(k, _)| fields.contains(&k.as_str())).collect();
+    if let serde_json::Value::Object(extra) = extra {
+        kept.extend(extra);
+    }
+    serde_json::from_value(serde_json::Value::Object(kept)).map_err(|e| config(format!("as a sink: {e}")))
 }
 
 /// The reader of the spec's dead-letter sink.
