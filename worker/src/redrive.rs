@@ -20,6 +20,9 @@
 //! Reading only up to the end that existed at the start is what makes a
 //! redrive finish: records that fail again are dead-lettered after that end
 //! and wait for the next redrive instead of looping.
+//! The end is taken when a leader starts the redrive, so after a failover
+//! mid-redrive, records that failed again in the meantime are sent once
+//! more under the same id (once per failover: still bounded).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
