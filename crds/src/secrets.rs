@@ -31,6 +31,7 @@ pub fn secret_envs(spec: &StreamProcessorSpec) -> Vec<SecretEnv> {
     }
     if let Some(r) = &src.redis {
         key(&mut out, "spec.source.redis.passwordSecretRef", "SOURCE_REDIS_PASSWORD", r.password_secret_ref.as_ref());
+        tls(&mut out, "spec.source.redis", "SOURCE", r.tls.as_ref());
     }
     sink(&mut out, "spec.sink", "SINK", &spec.sink.kafka, &spec.sink.nats, &spec.sink.redis);
     if let Some(dl) = &spec.dead_letter {
@@ -38,6 +39,7 @@ pub fn secret_envs(spec: &StreamProcessorSpec) -> Vec<SecretEnv> {
     }
     if let Some(r) = spec.state.as_ref().and_then(|s| s.redis.as_ref()) {
         key(&mut out, "spec.state.redis.passwordSecretRef", "STATE_REDIS_PASSWORD", r.password_secret_ref.as_ref());
+        tls(&mut out, "spec.state.redis", "STATE", r.tls.as_ref());
     }
     out
 }
@@ -63,6 +65,7 @@ fn sink(
             &format!("{place}_REDIS_PASSWORD"),
             r.password_secret_ref.as_ref(),
         );
+        tls(out, &format!("{path}.redis"), place, r.tls.as_ref());
     }
 }
 
@@ -75,8 +78,8 @@ fn kafka_auth(out: &mut Vec<SecretEnv>, path: &str, place: &str, auth: Option<&K
 }
 
 /// `SLUICE_SECRET_<place>_TLS_CA`, `_TLS_CERT`, `_TLS_KEY`: the same names
-/// for Kafka and NATS (a place has one broker), which the operator's lag
-/// probe reads for either.
+/// for Kafka, NATS and Redis (a place has one broker), which the operator's
+/// lag probe reads for any.
 fn tls(out: &mut Vec<SecretEnv>, path: &str, place: &str, tls: Option<&Tls>) {
     let Some(tls) = tls else { return };
     key(out, &format!("{path}.tls.caSecretRef"), &format!("{place}_TLS_CA"), tls.ca_secret_ref.as_ref());

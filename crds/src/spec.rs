@@ -299,7 +299,8 @@ pub struct NatsAuth {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSource {
-    /// `redis://host:port[/db]`, with no password in it (use passwordSecretRef).
+    /// `redis://host:port[/db]`, or `rediss://` for TLS, with no password in
+    /// it (use passwordSecretRef).
     #[schemars(length(min = 1, max = 512))]
     pub url: String,
     #[schemars(length(min = 1, max = 512))]
@@ -315,6 +316,11 @@ pub struct RedisSource {
     pub claim_idle: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
+    /// TLS settings for a `rediss://` URL: the CA that signs the server's
+    /// certificate (default: the system roots) and a client certificate
+    /// for servers that verify clients (`tls-auth-clients`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
 }
 
 /// A synthetic source for demos, tests and benchmarks.
@@ -643,6 +649,11 @@ pub struct RedisSink {
     pub max_len: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
+    /// TLS settings for a `rediss://` URL: the CA that signs the server's
+    /// certificate (default: the system roots) and a client certificate
+    /// for servers that verify clients (`tls-auth-clients`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
     /// Write each output once even when its input is delivered again (after
     /// a crash or a rebalance). Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -800,6 +811,11 @@ pub struct RedisState {
     pub url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret_ref: Option<SecretKeyRef>,
+    /// TLS settings for a `rediss://` URL: the CA that signs the server's
+    /// certificate (default: the system roots) and a client certificate
+    /// for servers that verify clients (`tls-auth-clients`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
 }
 
 // -------------------------------------------------------------- delivery --

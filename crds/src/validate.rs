@@ -271,7 +271,15 @@ impl Checker {
         }
     }
 
-    fn redis_url(&mut self, path: String, url: &str) {
+    /// `path` is the Redis object's (`spec.source.redis`, ...).
+    fn redis_url(&mut self, path: &str, url: &str, tls: Option<&crate::Tls>) {
+        if tls.is_some() && url.starts_with("redis://") {
+            self.err(
+                format!("{path}.tls"),
+                "TLS settings need a rediss:// url (redis:// is plaintext); use rediss:// or remove tls",
+            );
+        }
+        let path = format!("{path}.url");
         let Some(rest) = url.strip_prefix("redis://").or_else(|| url.strip_prefix("rediss://")) else {
             self.err(path, format!("{url:?} must start with redis:// or rediss://"));
             return;
@@ -309,7 +317,7 @@ impl Checker {
             self.nats_servers(&format!("{path}.nats.servers"), &n.servers);
         }
         if let Some(r) = sink.redis {
-            self.redis_url(format!("{path}.redis.url"), &r.url);
+            self.redis_url(&format!("{path}.redis"), &r.url, r.tls.as_ref());
         }
     }
 }
@@ -343,7 +351,7 @@ impl StreamProcessorSpec {
             }
         }
         if let Some(r) = &src.redis {
-            c.redis_url("spec.source.redis.url".into(), &r.url);
+            c.redis_url("spec.source.redis", &r.url, r.tls.as_ref());
             if let Some(d) = &r.claim_idle {
                 c.at_least(
                     "spec.source.redis.claimIdle".into(),
@@ -436,7 +444,7 @@ impl StreamProcessorSpec {
         }
         if let Some(state) = &self.state {
             if let Some(r) = &state.redis {
-                c.redis_url("spec.state.redis.url".into(), &r.url);
+                c.redis_url("spec.state.redis", &r.url, r.tls.as_ref());
             }
             if let Some(ttl) = &state.ttl {
                 c.positive("spec.state.ttl".into(), ttl);

@@ -227,6 +227,13 @@ pub struct RedisConfig {
     /// password (the harness's readiness probe logs in with it).
     pub directives: BTreeMap<String, String>,
     pub start_timeout: Duration,
+    /// A second port with TLS ([`Redis::tls_url`]), its certificate from a
+    /// CA the harness generates ([`Redis::ca_pem`]); the plain port stays for
+    /// the harness and the tests' own clients.
+    pub tls: bool,
+    /// With `tls`: clients must present a certificate the same CA signed
+    /// (`tls-auth-clients yes`, [`Redis::client_cert`]).
+    pub verify_clients: bool,
 }
 
 impl Default for RedisConfig {
@@ -235,7 +242,7 @@ impl Default for RedisConfig {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Self { directives, start_timeout: DEFAULT_START_TIMEOUT }
+        Self { directives, start_timeout: DEFAULT_START_TIMEOUT, tls: false, verify_clients: false }
     }
 }
 
@@ -247,6 +254,8 @@ pub struct Redis {
     start_timeout: Duration,
     /// `requirepass`, when set.
     password: Option<String>,
+    /// The TLS port, its CA and a client certificate, with [`RedisConfig::tls`].
+    tls: Option<(u16, sluice_dev::pki::BrokerTls)>,
     dir: TempDir,
 }
 
@@ -261,8 +270,28 @@ impl Redis {
         const SERVER: &str = "redis";
         let binary = require_tool("redis-server", "apt-get install -y redis-server");
         let dir = temp_dir(SERVER)?;
-        let [port] = free_ports::<1>(SERVER)?;
+        let [port, tls_port] = free_ports::<2>(SERVER)?;
         let mut command = Command::new(binary);
+        let tls = if config.tls {
+            let tls = sluice_dev::pki::BrokerTls::generate("redis", &[std::net::Ipv4Addr::LOCALHOST.into()]).map_err(
+                |e| BrokerError::Io {
+                    server: SERVER,
+                    what: "generate TLS certificates".into(),
+                    source: std::io::Error::other(e),
+                },
+            )?;
+            let (cert, key, ca) =
+                (dir.path().join("server.crt"), dir.path().join("server.key"), dir.path().join("ca.crt"));
+            write(SERVER, &cert, &tls.server.cert_pem)?;
+            write(SERVER, &key, &tls.server.key_pem)?;
+            write(SERVER, &ca, &tls.ca_pem)?;
+            command.args(["--tls-port", &tls_port.to_string(), "--tls-cert-file"]).arg(&cert);
+            command.arg("--tls-key-file").arg(&key).arg("--tls-ca-cert-file").arg(&ca);
+            command.args(["--tls-auth-clients", if config.verify_clients { "yes" } else { "no" }]);
+            Some((tls_port, tls))
+        } else {
+            None
+        };
         // Port and dir last: they are the harness's, not overridable. The
         // address is 127.0.0.1 unless a `bind` directive adds others (pods
         // of the local cluster reach this host at its host address).
@@ -280,6 +309,7 @@ impl Redis {
             port,
             start_timeout: config.start_timeout,
             password: config.directives.get("requirepass").filter(|p| !p.is_empty()).cloned(),
+            tls,
             dir,
         };
         redis.launch()?;
@@ -312,6 +342,22 @@ impl Redis {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `rediss://127.0.0.1:<tls port>`, with [`RedisConfig::tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls.as_ref().map(|(port, _)| format!("rediss://127.0.0.1:{port}"))
+    }
+
+    /// The PEM CA that signed the TLS port's certificate (also `<dir>/ca.crt`).
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.tls.as_ref().map(|(_, tls)| tls.ca_pem.as_str())
+    }
+
+    /// A client certificate and key the TLS port accepts (needed with
+    /// [`RedisConfig::verify_clients`]).
+    pub fn client_cert(&self) -> Option<&sluice_dev::pki::CertPair> {
+        self.tls.as_ref().map(|(_, tls)| &tls.client)
     }
 
     pub fn dir(&self) -> &Path {

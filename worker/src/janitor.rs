@@ -215,8 +215,9 @@ pub async fn run(spec: &StreamProcessorSpec, processor: &str, metrics: &Metrics,
         return;
     };
     let url = state.redis.as_ref().map(|r| r.url.as_str()).unwrap_or_default();
+    let tls = state.redis.as_ref().and_then(|r| r.tls.as_ref());
     let env = |v: &str| std::env::var(v).ok();
-    let conn = crate::source::redis::client(url, "SLUICE_SECRET_STATE_REDIS_PASSWORD", "spec.state.redis", &env)
+    let conn = crate::source::redis::client_at(url, "STATE", tls, "spec.state.redis", &env)
         .and_then(|c| crate::source::redis::connect(c, Duration::from_secs(30)).map_err(|e| e.to_string()));
     let mut conn = match conn {
         Ok(c) => c,

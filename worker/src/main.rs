@@ -257,15 +257,12 @@ async fn run(
     let dead_letters: Box<dyn Sink> = Box::new(RetryingSink::new(dead_letters, backoff, ready.clone(), max_retries));
     let snapshots = match spec.state.as_ref() {
         Some(s) if s.backend == sluice_crds::StateBackend::Redis => {
-            let url = s.redis.as_ref().map(|r| r.url.clone()).unwrap_or_default();
-            // The password from spec.state.redis.passwordSecretRef (the operator
-            // puts the Secret's key in this variable).
-            let client = sluice_worker::source::redis::client(
-                &url,
-                "SLUICE_SECRET_STATE_REDIS_PASSWORD",
-                "spec.state.redis",
-                &env,
-            )?;
+            let redis = s.redis.as_ref();
+            let url = redis.map(|r| r.url.clone()).unwrap_or_default();
+            // The password from spec.state.redis.passwordSecretRef and the TLS
+            // settings (the operator puts the Secrets' keys in variables).
+            let tls = redis.and_then(|r| r.tls.as_ref());
+            let client = sluice_worker::source::redis::client_at(&url, "STATE", tls, "spec.state.redis", &env)?;
             let redis: Arc<dyn StateStore> = Arc::new(RedisStore::with_client(client).await?);
             // Snapshots name their step's definition: an edited step does not
             // restore the state its old definition wrote.

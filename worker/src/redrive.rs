@@ -504,7 +504,7 @@ impl RedisDeadLetters {
             .and_then(|d| d.redis.as_ref())
             .ok_or(RedriveError::Config { field, detail: "no Redis dead-letter stream".into() })?;
         let env = |v: &str| std::env::var(v).ok();
-        let client = crate::source::redis::client(&dl.url, "SLUICE_SECRET_DEADLETTER_REDIS_PASSWORD", field, &env)
+        let client = crate::source::redis::client_at(&dl.url, "DEADLETTER", dl.tls.as_ref(), field, &env)
             .map_err(|detail| RedriveError::Config { field, detail })?;
         let read =
             |e: redis::RedisError| RedriveError::Read { target: format!("redis/{}", dl.stream), detail: e.to_string() };

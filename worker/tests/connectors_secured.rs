@@ -12,8 +12,8 @@
 //! the worker stays up, not ready, and logs which field to fix) instead of
 //! a hang or a panic.
 //!
-//! Redis without TLS: the workspace's `redis` crate is built without a TLS
-//! feature, so `rediss://` is not supported yet.
+//! Redis: a password on the plain port, and a password over mutual TLS
+//! (`rediss://`).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -687,19 +687,94 @@ fn redis_requirepass_end_to_end_with_the_lag_probe() {
     drop(refused);
 
     let mut worker = Worker::start(dir.path(), "redis", &spec, &good);
+    assert_all_ids(&redis_output_ids(&mut conn, &mut worker));
+    worker.wait_for_readyz(200);
+    wait_for_lag(&source, &credentials("redis-secret"), 0);
+}
+
+/// Reads stream `out` until every id is there.
+fn redis_output_ids(conn: &mut redis::Connection, worker: &mut Worker) -> HashSet<u64> {
     let deadline = Instant::now() + STREAM_DEADLINE;
     let mut seen = HashSet::new();
     while seen.len() < N as usize {
         worker.assert_running();
         assert!(Instant::now() < deadline, "only {} of {N} ids; the worker's log:\n{}", seen.len(), worker.log_tail());
         let entries: redis::streams::StreamRangeReply =
-            redis::cmd("XRANGE").arg("out").arg("-").arg("+").query(&mut conn).expect("XRANGE");
+            redis::cmd("XRANGE").arg("out").arg("-").arg("+").query(conn).expect("XRANGE");
         seen = entries.ids.iter().filter_map(|e| e.get::<Vec<u8>>("payload")).filter_map(|p| id_of(&p)).collect();
         if seen.len() < N as usize {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    assert_all_ids(&seen);
+    seen
+}
+
+/// `rediss://` with a password and mutual TLS (`tls-auth-clients yes`) for
+/// the source, the sink, the dead letters and the window state.
+#[test]
+fn redis_password_over_mutual_tls_end_to_end_with_the_lag_probe() {
+    let mut config = RedisConfig { tls: true, verify_clients: true, ..Default::default() };
+    config.directives.insert("requirepass".into(), "redis-secret".into());
+    let redis = Redis::start_with(config).unwrap_or_else(|e| panic!("{e}"));
+    let ca = redis.ca_pem().expect("a CA with tls").to_string();
+    let cert = redis.client_cert().expect("a client certificate").clone();
+    // The harness's own client uses the plain port.
+    let client = redis::Client::open(redis.authenticated_url()).expect("client");
+    let mut conn = client.get_connection().expect("the test's own client logs in");
+    let mut pipe = redis::pipe();
+    for id in 0..N {
+        pipe.cmd("XADD").arg("in").arg("*").arg("payload").arg(payload(id)).ignore();
+    }
+    pipe.query::<()>(&mut conn).expect("XADD");
+
+    let url = redis.tls_url().expect("a TLS port");
+    let password = json!({"name": "redis-password", "key": "password"});
+    let ca_ref = json!({"caSecretRef": {"name": "redis-ca", "key": "ca.crt"}});
+    let tls = json!({"caSecretRef": ca_ref["caSecretRef"], "clientCertSecretName": "worker-cert"});
+    let at = |extra: Value| {
+        let mut v = json!({"url": url, "passwordSecretRef": password, "tls": tls});
+        v.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+        v
+    };
+    let source = json!({"redis": at(json!({"stream": "in", "group": "mutual"}))});
+    let spec = json!({
+        "source": source,
+        "pipeline": pipeline(),
+        "sink": {"redis": at(json!({"stream": "out"}))},
+        "deadLetter": {"redis": at(json!({"stream": "dlq"}))},
+        "state": {"backend": "redis", "redis": {"url": url, "passwordSecretRef": password, "tls": tls}},
+        "workers": 2,
+        "batchSize": 500
+    });
+    let good = secrets(&[
+        ("redis-password", "password", "redis-secret"),
+        ("redis-ca", "ca.crt", &ca),
+        ("worker-cert", "tls.crt", &cert.cert_pem),
+        ("worker-cert", "tls.key", &cert.key_pem),
+    ]);
+    let credentials = |with_cert: bool| Credentials {
+        password: Some("redis-secret".into()),
+        ca_pem: Some(ca.clone()),
+        client_cert_pem: with_cert.then(|| cert.cert_pem.clone()),
+        client_key_pem: with_cert.then(|| cert.key_pem.clone()),
+        ..Default::default()
+    };
+
+    assert_eq!(probe(&source, credentials(true)).expect("probe over mutual TLS").total, N);
+    let refused = probe(&source, credentials(false)).expect_err("no client certificate");
+    assert!(refused.to_string().contains("spec.source.redis.tls"), "{refused}");
+    eprintln!("Redis probe without a client certificate: {refused}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut without_cert = spec.clone();
+    without_cert["source"]["redis"]["tls"] = ca_ref;
+    let mut refused = Worker::start(dir.path(), "redis-no-cert", &without_cert, &good);
+    let line = refused.assert_refused(&["spec.source.redis.tls", &url]);
+    eprintln!("Redis worker without a client certificate: {line}");
+    drop(refused);
+
+    let mut worker = Worker::start(dir.path(), "redis-mutual", &spec, &good);
+    assert_all_ids(&redis_output_ids(&mut conn, &mut worker));
     worker.wait_for_readyz(200);
-    wait_for_lag(&source, &credentials("redis-secret"), 0);
+    wait_for_lag(&source, &credentials(true), 0);
 }

@@ -288,6 +288,7 @@ fn redis_source(redis: &Redis, stream: &str, group: Option<&str>, start_from: St
             start_from,
             claim_idle: None,
             password_secret_ref: None,
+            tls: None,
         }),
         ..Default::default()
     }
@@ -423,6 +424,7 @@ async fn an_unreachable_broker_is_an_error_within_the_timeout() {
             start_from: StartFrom::Earliest,
             claim_idle: None,
             password_secret_ref: None,
+            tls: None,
         };
         let (k, n, r) = tokio::join!(
             assert_unreachable(Source { kafka: Some(kafka), ..Default::default() }, "Kafka", &endpoint),

@@ -79,8 +79,27 @@ impl RedisProbe {
         if let Some(username) = &credentials.username {
             settings = settings.set_username(username);
         }
-        let client = Client::open(info.set_redis_settings(settings))
-            .map_err(|e| config_error(format!("the Redis client rejected it: {e}")))?;
+        let info = info.set_redis_settings(settings);
+        let client = match &spec.tls {
+            // The same CA and client certificate as the worker's (rediss://).
+            Some(_) => Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    root_cert: credentials.ca_pem.as_ref().map(|c| c.as_bytes().to_vec()),
+                    client_tls: credentials.client_cert_pem.as_ref().zip(credentials.client_key_pem.as_ref()).map(
+                        |(cert, key)| redis::ClientTlsConfig {
+                            client_cert: cert.as_bytes().to_vec(),
+                            client_key: key.as_bytes().to_vec(),
+                        },
+                    ),
+                },
+            )
+            .map_err(|e| ProbeError::Config {
+                field: "spec.source.redis.tls".into(),
+                detail: format!("the Redis client rejected the CA or the client certificate: {e}"),
+            })?,
+            None => Client::open(info).map_err(|e| config_error(format!("the Redis client rejected it: {e}")))?,
+        };
         Ok(Self {
             client,
             endpoint: redacted(&spec.url),
@@ -137,6 +156,13 @@ impl RedisProbe {
             || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
         if auth {
             ProbeError::Auth { broker: Broker::Redis, endpoint, field: PASSWORD_FIELD, detail: e.to_string() }
+        } else if crate::source::redis::is_tls_error(&e) {
+            ProbeError::Unreachable {
+                broker: Broker::Redis,
+                endpoint,
+                field: "spec.source.redis.tls",
+                detail: format!("TLS handshake: {step}: {e}"),
+            }
         } else if e.is_timeout() {
             ProbeError::Timeout { broker: Broker::Redis, endpoint, step, timeout: self.timeout }
         } else if e.is_io_error() || e.is_connection_refusal() {

@@ -19,7 +19,7 @@ use sluice_crds::RedisSink as RedisSinkSpec;
 use super::{Sink, SinkError};
 use crate::{
     message::Message,
-    source::redis::{client, connect, is_auth_error, redacted},
+    source::redis::{client_at, connect, is_auth_error, is_tls_error, redacted},
 };
 
 pub struct RedisSink {
@@ -43,7 +43,7 @@ impl RedisSink {
         field: &'static str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, SinkError> {
-        let client = client(&spec.url, &format!("SLUICE_SECRET_{place}_REDIS_PASSWORD"), field, env)
+        let client = client_at(&spec.url, place, spec.tls.as_ref(), field, env)
             .map_err(|detail| SinkError::Config { field, detail })?;
         let conn = connect(client, std::time::Duration::from_secs(10))
             .map_err(|e| SinkError::Config { field, detail: e.to_string() })?;
@@ -116,6 +116,11 @@ impl RedisSink {
             detail: if is_auth_error(&e) {
                 format!(
                     "Redis at {} refused the login ({e}): check {}.passwordSecretRef and the Secret it names",
+                    self.url, self.field
+                )
+            } else if is_tls_error(&e) {
+                format!(
+                    "TLS with Redis at {} failed ({e}): check {}.tls (caSecretRef, clientCertSecretName)",
                     self.url, self.field
                 )
             } else {

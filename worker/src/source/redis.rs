@@ -41,19 +41,67 @@ pub const HEADER_REDIS_ID: &str = "redis-id";
 /// How long one XREADGROUP blocks waiting for entries.
 const BLOCK: Duration = Duration::from_secs(1);
 
-/// Opens a client for `url` with the password from `password_var`, if set.
-pub fn client(
+/// Opens a client for the Redis object at `field` (`spec.source.redis`, ...)
+/// whose secrets the operator puts in `SLUICE_SECRET_<place>_*`: the
+/// password (`_REDIS_PASSWORD`) and, with `tls`, the CA (`_TLS_CA`) and the
+/// client certificate (`_TLS_CERT`, `_TLS_KEY`). A `rediss://` URL is TLS
+/// (the system roots unless `tls` names a CA).
+pub fn client_at(
     url: &str,
-    password_var: &str,
+    place: &str,
+    tls: Option<&sluice_crds::Tls>,
     field: &'static str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Client, String> {
-    let info = url.into_connection_info().map_err(|e| format!("{field}: not a Redis URL: {e}"))?;
+    let var = |what: &str| format!("SLUICE_SECRET_{place}_{what}");
+    let get = |what: &str, spec: &str| {
+        env(&var(what)).ok_or_else(|| {
+            format!(
+                "{field}.tls.{spec}: environment variable {} is not set; the operator sets it from the Secret",
+                var(what)
+            )
+        })
+    };
+    let certificates = match tls {
+        None => None,
+        Some(tls) => Some(redis::TlsCertificates {
+            root_cert: tls
+                .ca_secret_ref
+                .as_ref()
+                .map(|_| get("TLS_CA", "caSecretRef"))
+                .transpose()?
+                .map(String::into_bytes),
+            client_tls: match &tls.client_cert_secret_name {
+                Some(_) => Some(redis::ClientTlsConfig {
+                    client_cert: get("TLS_CERT", "clientCertSecretName")?.into_bytes(),
+                    client_key: get("TLS_KEY", "clientCertSecretName")?.into_bytes(),
+                }),
+                None => None,
+            },
+        }),
+    };
+    connection_client(url, env(&var("REDIS_PASSWORD")), certificates, field)
+}
+
+/// A client for `url` with `password` and, for a `rediss://` URL, the CA
+/// and client certificate in `certificates`.
+pub fn connection_client(
+    url: &str,
+    password: Option<String>,
+    certificates: Option<redis::TlsCertificates>,
+    field: &str,
+) -> Result<Client, String> {
+    let info = url.into_connection_info().map_err(|e| format!("{field}.url: not a Redis URL: {e}"))?;
     let mut settings = info.redis_settings().clone();
-    if let Some(password) = env(password_var) {
+    if let Some(password) = password {
         settings = settings.set_password(password);
     }
-    Client::open(info.set_redis_settings(settings)).map_err(|e| format!("{field}: the Redis client rejected it: {e}"))
+    let info = info.set_redis_settings(settings);
+    match certificates {
+        Some(certificates) => Client::build_with_tls(info, certificates)
+            .map_err(|e| format!("{field}.tls: the Redis client rejected the CA or the client certificate: {e}")),
+        None => Client::open(info).map_err(|e| format!("{field}.url: the Redis client rejected it: {e}")),
+    }
 }
 
 /// A connection that reconnects by itself (lazily: no I/O until the first
@@ -185,8 +233,7 @@ impl RedisSource {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, SourceError> {
         let config = |detail| SourceError::Config { field: "spec.source.redis.url", detail };
-        let client =
-            client(&spec.url, "SLUICE_SECRET_SOURCE_REDIS_PASSWORD", "spec.source.redis.url", env).map_err(config)?;
+        let client = client_at(&spec.url, "SOURCE", spec.tls.as_ref(), "spec.source.redis", env).map_err(config)?;
         let conn = connect_now(client.clone(), BLOCK + Duration::from_secs(5))?;
         let ack_conn = connect_now(client, Duration::from_secs(5))?;
         let inflight: InFlight = Arc::default();
@@ -365,6 +412,9 @@ impl RedisSource {
                     if is_auth_error(&e) {
                         tracing::error!(stream = %self.stream, url = %self.url, field = "spec.source.redis.passwordSecretRef", error = %e, ?delay,
                             "Redis refused the login: check spec.source.redis.passwordSecretRef and the Secret it names; retrying");
+                    } else if is_tls_error(&e) {
+                        tracing::error!(stream = %self.stream, url = %self.url, field = "spec.source.redis.tls", error = %e, ?delay,
+                            "TLS with Redis failed: check that spec.source.redis.tls.caSecretRef names the CA of the server's certificate and, if it verifies clients, clientCertSecretName a certificate it accepts; retrying");
                     } else {
                         tracing::warn!(stream = %self.stream, url = %self.url, error = %e, ?delay, "Redis read failed; retrying");
                     }
@@ -379,6 +429,14 @@ impl RedisSource {
 /// (NOAUTH), or an ACL user without the rights (NOPERM).
 pub fn is_auth_error(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::AuthenticationFailed || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+}
+
+/// A failed TLS handshake, either side refusing the other's certificate
+/// (the redis crate reports rustls' verdict and the server's alert as I/O
+/// errors, so only their text tells).
+pub fn is_tls_error(e: &redis::RedisError) -> bool {
+    let text = e.to_string().to_lowercase();
+    e.is_io_error() && (text.contains("certificate") || text.contains("handshake") || text.contains("alert"))
 }
 
 /// `url` without a password, should one be in it anyway, for log lines.
