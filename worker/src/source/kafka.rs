@@ -3,38 +3,63 @@
 //!
 //! ```text
 //! StreamConsumer (cooperative-sticky, auto-commit off)
-//!   ├─ recv() ──> Message{partition, offset, key, headers, timestamp} ──> SourceEvent::Batch
-//!   ├─ rebalance callbacks (run inside recv) ──> pending Assigned / Revoked events,
-//!   │     returned before any message of the new assignment; on revoke, the
-//!   │     runtime's hook drains the partitions' in-flight work (bounded) and
-//!   │     what is done is committed synchronously before they move
+//!   ├─ main queue, polled by `next` ──> rebalance callbacks and client errors
+//!   │    ├─ assign (pre_rebalance, before librdkafka fetches): split the
+//!   │    │    partition's queue off and spawn its reader task
+//!   │    ├─ revoke (pre_rebalance): drain the runtime's in-flight work
+//!   │    │    (bounded), commit what is done synchronously, stop exactly
+//!   │    │    those partitions' readers (their queues are dropped)
+//!   │    └─ pending Assigned / Revoked events, returned before any message
+//!   │         of the new assignment
+//!   ├─ partition queue 0 ──> reader task 0 ─┐  chunks of up to one batch,
+//!   ├─ partition queue 1 ──> reader task 1 ─┼─ one bounded channel ──> `next`
+//!   ├─ partition queue N ──> reader task N ─┘  ──> SourceEvent::Batch (<= max)
 //!   └─ KafkaAcker::commit(low-water marks) ──> async offset commit of the
 //!         partitions still assigned (a revoked partition's new owner commits it)
 //! ```
 //!
-//! Broker outages surface as consumer errors from `recv`; they are logged
-//! and the consumer keeps going (librdkafka reconnects by itself), so a
-//! broker restart never ends the run. Credentials come from the environment
-//! variables `sluice_crds::secrets::secret_envs` names (`SLUICE_SECRET_<PLACE>_...`).
+//! Why a reader per partition: with one queue for all partitions, librdkafka
+//! prefetches a backlogged partition into the same queue as every other, so
+//! a message that arrives on a quiet partition waits behind the whole
+//! prefetched backlog. Split, each partition has its own queue and its
+//! reader takes turns with the others for the channel (tokio's bounded
+//! channel serves waiting senders first come, first served), so a hot or
+//! slow partition delays another by at most the channel's capacity. When the
+//! channel is full the readers wait and librdkafka keeps buffering up to its
+//! own per-partition limits (`queued.max.messages.kbytes`), then stops
+//! fetching; nothing is dropped. A chunk of a partition that was revoked
+//! (or revoked and assigned again) since it was read is discarded: it was
+//! never handed to the runtime, and the partition's next owner resumes from
+//! the last commit.
+//!
+//! Broker outages surface as consumer errors from the queues; they are
+//! logged and the consumer keeps going (librdkafka reconnects by itself), so
+//! a broker restart never ends the run. Credentials come from the
+//! environment variables `sluice_crds::secrets::secret_envs` names
+//! (`SLUICE_SECRET_<PLACE>_...`).
 
 use std::{
-    collections::{BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, OnceLock, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use futures::{FutureExt, future::BoxFuture};
+use futures::{FutureExt, StreamExt, future::BoxFuture};
 use rdkafka::{
     ClientConfig, ClientContext, Message as _, Offset, TopicPartitionList,
     config::RDKafkaLogLevel,
-    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    consumer::{
+        BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+        stream_consumer::StreamPartitionQueue,
+    },
     error::{KafkaError, KafkaResult},
     message::{BorrowedMessage, Headers},
 };
 use sluice_crds::{KafkaAuth, KafkaSource as KafkaSourceSpec, SaslMechanism, StartFrom};
+use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{Acker, RevokeHook, Source, SourceError, SourceEvent};
 use crate::{
@@ -48,6 +73,20 @@ const IDLE_TICK: Duration = Duration::from_millis(250);
 
 /// How often an idle, unreachable consumer asks the brokers whether they answer.
 const RECHECK: Duration = Duration::from_secs(2);
+
+/// Most messages a partition reader hands over at once: what its queue
+/// holds already, up to the batch size `next` was last asked for (so that a
+/// batch is one partition's run, as the pool routes and the sink commits
+/// best), at most this many.
+const MAX_CHUNK: usize = 4096;
+
+/// Chunks the readers' shared channel holds before they wait: how far a
+/// busy partition can run ahead of another (`CHUNKS_AHEAD` batches).
+const CHUNKS_AHEAD: usize = 4;
+
+/// How long stopping a partition's reader may take (it is aborted; this is
+/// only the wait for the runtime to drop it and its queue).
+const READER_STOP: Duration = Duration::from_secs(5);
 
 /// Builds a librdkafka client configuration for `brokers` with the auth the
 /// spec names. `place` is the secret place (`SOURCE`, `SINK`, `DEADLETTER`):
@@ -151,6 +190,34 @@ pub struct GroupContext {
     on_revoke: Mutex<Option<RevokeHook>>,
     /// Exactly-once: offsets go into transactions, never committed directly.
     transactional: AtomicBool,
+    /// The consumer this context belongs to, to split partition queues off
+    /// in the rebalance callback (which only gets the `BaseConsumer`).
+    consumer: OnceLock<Weak<GroupConsumer>>,
+    /// Where the partition readers send what they read.
+    chunks: mpsc::Sender<Chunk>,
+    /// The reader of each partition whose queue is split off.
+    readers: Mutex<BTreeMap<i32, PartitionReader>>,
+    /// Readers told to stop whose task may not have ended yet: a partition
+    /// assigned again waits for its old reader first, so that two never
+    /// share its queue.
+    stopping: Mutex<Vec<(i32, JoinHandle<()>)>>,
+    /// Numbers the readers; a chunk carries its reader's number.
+    next_reader: AtomicU64,
+    /// The batch size `next` was last asked for: the readers' chunk size.
+    chunk_size: Arc<AtomicUsize>,
+}
+
+/// A message chunk from one partition's reader.
+struct Chunk {
+    partition: i32,
+    /// The reader that read it (`None`: the consumer's main queue).
+    reader: Option<u64>,
+    messages: std::vec::IntoIter<Message>,
+}
+
+struct PartitionReader {
+    id: u64,
+    task: JoinHandle<()>,
 }
 
 impl GroupContext {
@@ -168,6 +235,152 @@ impl GroupContext {
 
     fn pop(&self) -> Option<SourceEvent> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner).pop_front()
+    }
+
+    /// Whether a chunk may still be handed out: its reader is the current
+    /// one of its partition (not stopped by a revocation since it read it).
+    fn current(&self, chunk: &Chunk) -> bool {
+        chunk.reader.is_none_or(|id| {
+            self.readers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&chunk.partition)
+                .is_some_and(|r| r.id == id)
+        })
+    }
+
+    /// Splits each partition's queue off the consumer's main queue and
+    /// starts its reader. Called before librdkafka starts fetching them:
+    /// once split, the partition's fetched messages never enter the main
+    /// queue (librdkafka leaves an application-forwarded queue alone when it
+    /// starts the fetch), so nothing of it is read out of order.
+    fn start_readers(&self, partitions: &[i32]) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(topic = %self.topic, ?partitions, "no async runtime in the rebalance callback; these partitions are read from the consumer's main queue");
+            return;
+        };
+        for &p in partitions {
+            self.await_stopped(p);
+            let Some(queue) = consumer.split_partition_queue(&self.topic, p) else {
+                tracing::warn!(topic = %self.topic, partition = p, "cannot split the partition's queue off; it is read from the consumer's main queue");
+                continue;
+            };
+            let id = self.next_reader.fetch_add(1, Ordering::Relaxed);
+            let task = runtime.spawn(read_partition(
+                queue,
+                p,
+                id,
+                self.chunks.clone(),
+                self.chunk_size.clone(),
+                self.reachable.clone(),
+                self.topic.clone(),
+            ));
+            let old =
+                self.readers.lock().unwrap_or_else(PoisonError::into_inner).insert(p, PartitionReader { id, task });
+            if let Some(old) = old {
+                // Assigned twice without a revocation in between: cannot
+                // happen with librdkafka, but never leave two readers on one queue.
+                old.task.abort();
+                self.stopping.lock().unwrap_or_else(PoisonError::into_inner).push((p, old.task));
+            }
+        }
+    }
+
+    /// Stops the readers of revoked partitions; their queues are dropped
+    /// with their tasks.
+    fn stop_readers(&self, partitions: &[i32]) {
+        let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut stopping = self.stopping.lock().unwrap_or_else(PoisonError::into_inner);
+        stopping.retain(|(_, t)| !t.is_finished());
+        for p in partitions {
+            if let Some(r) = readers.remove(p) {
+                r.task.abort();
+                stopping.push((*p, r.task));
+            }
+        }
+    }
+
+    /// Waits (bounded) until the stopped readers of `partition` have ended.
+    fn await_stopped(&self, partition: i32) {
+        let old: Vec<JoinHandle<()>> = {
+            let mut stopping = self.stopping.lock().unwrap_or_else(PoisonError::into_inner);
+            let (old, rest) = std::mem::take(&mut *stopping).into_iter().partition(|(p, _)| *p == partition);
+            *stopping = rest;
+            old.into_iter().map(|(_, t)| t).collect()
+        };
+        if !wait_until(|| old.iter().all(JoinHandle::is_finished), READER_STOP) {
+            tracing::warn!(topic = %self.topic, partition, "the partition's previous reader has not ended yet; its late reads are discarded");
+        }
+    }
+}
+
+/// Waits until `done`, at most `limit`, without stalling the tasks that
+/// make it true: on a multi-thread runtime the thread's other tasks move to
+/// another thread meanwhile (`block_in_place`, as the runtime's revoke hook
+/// does). Elsewhere nothing else could run, so it does not wait.
+fn wait_until(done: impl Fn() -> bool, limit: Duration) -> bool {
+    if done() {
+        return true;
+    }
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if !multi_thread {
+        return false;
+    }
+    let started = Instant::now();
+    tokio::task::block_in_place(|| {
+        while !done() && started.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    done()
+}
+
+/// One partition's reader: what its queue holds, in chunks, into the shared
+/// channel. Ends when aborted (revocation, source dropped) or when the
+/// source is gone.
+async fn read_partition(
+    queue: StreamPartitionQueue<GroupContext>,
+    partition: i32,
+    reader: u64,
+    chunks: mpsc::Sender<Chunk>,
+    chunk_size: Arc<AtomicUsize>,
+    reachable: Arc<AtomicBool>,
+    topic: String,
+) {
+    tracing::debug!(%topic, partition, reader, "partition reader started");
+    let mut stream = queue.stream();
+    loop {
+        let mut messages = Vec::new();
+        let mut next = stream.next().await;
+        let limit = chunk_size.load(Ordering::Relaxed).clamp(1, MAX_CHUNK);
+        while let Some(received) = next {
+            match received {
+                Ok(m) => {
+                    messages.push(convert(&m));
+                }
+                Err(error) => {
+                    if reachable.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(%topic, partition, %error, "Kafka consumer error; retrying in the background");
+                    } else {
+                        tracing::debug!(%topic, partition, %error, "Kafka consumer error");
+                    }
+                }
+            }
+            if messages.len() >= limit {
+                break;
+            }
+            next = stream.next().now_or_never().flatten();
+        }
+        if messages.is_empty() {
+            continue;
+        }
+        reachable.store(true, Ordering::Relaxed);
+        let chunk = Chunk { partition, reader: Some(reader), messages: messages.into_iter() };
+        if chunks.send(chunk).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -205,6 +418,10 @@ impl ClientContext for GroupContext {
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // Before the assign call: librdkafka starts fetching in it.
+            self.start_readers(&self.partitions(tpl));
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             let partitions = self.partitions(tpl);
             // Drain and commit what is done while the partitions are still
@@ -218,6 +435,7 @@ impl ConsumerContext for GroupContext {
                     self.commit_now(consumer, &points);
                 }
             }
+            self.stop_readers(&partitions);
             {
                 let mut a = self.assigned.lock().unwrap_or_else(PoisonError::into_inner);
                 for p in &partitions {
@@ -261,9 +479,15 @@ type GroupConsumer = StreamConsumer<GroupContext>;
 pub struct KafkaSource {
     consumer: Arc<GroupConsumer>,
     topic: String,
-    /// A message received while a rebalance event was pending: it is returned
-    /// after that event.
-    stash: Option<Message>,
+    /// What the partition readers read (bounded: `CHUNKS_AHEAD`).
+    chunks: mpsc::Receiver<Chunk>,
+    /// The chunk being handed out: taken from the channel only when the
+    /// previous one is done, and given out only while no rebalance event is
+    /// pending, so an assignment's event comes before its messages.
+    stash: Option<Chunk>,
+    /// A message from the main queue (of a partition whose queue could not
+    /// be split off), for the batch being built.
+    held: Option<Message>,
     /// Exactly-once: offsets are committed inside the sink's transactions.
     txn: Option<Arc<Transaction>>,
     /// When `check_reachable` last asked the brokers.
@@ -295,6 +519,7 @@ impl KafkaSource {
         if let Ok(pod) = pod_name() {
             config.set("client.id", format!("sluice-{pod}"));
         }
+        let (chunks_tx, chunks) = mpsc::channel(CHUNKS_AHEAD);
         let context = GroupContext {
             topic: spec.topic.clone(),
             brokers: spec.brokers.join(","),
@@ -303,17 +528,26 @@ impl KafkaSource {
             reachable: Arc::new(AtomicBool::new(true)),
             on_revoke: Mutex::default(),
             transactional: AtomicBool::new(false),
+            consumer: OnceLock::new(),
+            chunks: chunks_tx,
+            readers: Mutex::default(),
+            stopping: Mutex::default(),
+            next_reader: AtomicU64::new(0),
+            chunk_size: Arc::new(AtomicUsize::new(500)),
         };
         let consumer: GroupConsumer = config.create_with_context(context).map_err(|e| SourceError::Config {
             field: "spec.source.kafka",
             detail: format!("the Kafka client rejected the configuration: {e}"),
         })?;
+        let consumer = Arc::new(consumer);
+        // Set before the first poll, which is where the callbacks run.
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         consumer.subscribe(&[&spec.topic]).map_err(|e| SourceError::Broker {
             kind: "kafka",
             detail: format!("subscribe to topic {}: {e}", spec.topic),
         })?;
         tracing::info!(topic = %spec.topic, group, brokers = %spec.brokers.join(","), "Kafka consumer subscribed");
-        Ok(Self { consumer: Arc::new(consumer), topic: spec.topic.clone(), stash: None, txn: None, last_check: None })
+        Ok(Self { consumer, topic: spec.topic.clone(), chunks, stash: None, held: None, txn: None, last_check: None })
     }
 
     /// Exactly-once: the acker commits offsets with `send_offsets_to_transaction`
@@ -326,6 +560,22 @@ impl KafkaSource {
     /// Whether the last consumer call reached the brokers.
     pub fn reachable(&self) -> bool {
         self.consumer.context().reachable.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for KafkaSource {
+    /// Stops the partition readers and waits (bounded) until they are gone:
+    /// each holds the consumer, which must close here, where the source
+    /// ends (leaving the group and committing on revocation), not whenever
+    /// the runtime drops the last reader.
+    fn drop(&mut self) {
+        let ctx = self.consumer.context();
+        let partitions: Vec<i32> = ctx.readers.lock().unwrap_or_else(PoisonError::into_inner).keys().copied().collect();
+        ctx.stop_readers(&partitions);
+        let stopping = std::mem::take(&mut *ctx.stopping.lock().unwrap_or_else(PoisonError::into_inner));
+        if !wait_until(|| stopping.iter().all(|(_, t)| t.is_finished()), READER_STOP) {
+            tracing::warn!(topic = %self.topic, "partition readers still running; the consumer closes when the last one ends");
+        }
     }
 }
 
@@ -384,52 +634,85 @@ impl KafkaSource {
         }
     }
 
+    /// A reader that ended by itself panicked (they end only when stopped
+    /// or when the source is gone): its partition would silently stop, so
+    /// the run fails instead and the pod restarts.
+    fn check_readers(&self) -> Result<(), SourceError> {
+        let mut readers = self.consumer.context().readers.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(partition) = readers.iter().find(|(_, r)| r.task.is_finished()).map(|(p, _)| *p) else {
+            return Ok(());
+        };
+        let detail = match readers.remove(&partition).and_then(|r| r.task.now_or_never()) {
+            Some(Err(e)) => e.to_string(),
+            _ => "it ended".to_string(),
+        };
+        tracing::error!(topic = %self.topic, partition, %detail, "the partition's reader stopped; stopping the source");
+        Err(SourceError::Broker { kind: "kafka", detail: format!("reader of partition {partition}: {detail}") })
+    }
+
+    /// What the main queue gave: a message of a partition whose queue is
+    /// not split off (none, normally) is held for the batch; errors are logged.
+    fn on_main(&mut self, received: KafkaResult<Message>) {
+        match received {
+            Ok(m) => {
+                self.consumer.context().reachable.store(true, Ordering::Relaxed);
+                self.held = Some(m);
+            }
+            Err(e) => self.on_error(&e),
+        }
+    }
+
     async fn next_batch(&mut self, max: usize) -> Result<SourceEvent, SourceError> {
+        self.check_readers()?;
+        self.consumer.context().chunk_size.store(max, Ordering::Relaxed);
         let mut batch: Vec<Message> = Vec::with_capacity(max.min(4096));
         loop {
+            // The main queue first: rebalance callbacks and client errors
+            // are served in this poll, so an event they queue is seen below,
+            // before any message handed out after it.
+            if self.held.is_none()
+                && let Some(r) = self.consumer.recv().now_or_never()
+            {
+                self.on_main(r.map(|m| convert(&m)));
+            }
             let ctx = self.consumer.context();
             if batch.is_empty() {
                 if let Some(e) = ctx.pop() {
                     return Ok(e);
                 }
-                if let Some(m) = self.stash.take() {
-                    batch.push(m);
-                    continue;
-                }
             } else if ctx.has_pending() || batch.len() >= max {
                 return Ok(SourceEvent::Batch(batch));
             }
-            let received = if batch.is_empty() {
-                match tokio::time::timeout(IDLE_TICK, self.consumer.recv()).await {
-                    Ok(r) => r.map(|m| convert(&m)),
-                    Err(_) => {
-                        self.check_reachable().await;
-                        continue;
-                    }
+            if let Some(m) = self.held.take() {
+                batch.push(m);
+                continue;
+            }
+            if let Some(chunk) = &mut self.stash {
+                if ctx.current(chunk) {
+                    batch.extend(chunk.messages.by_ref().take(max - batch.len()));
+                } else {
+                    tracing::debug!(topic = %self.topic, partition = chunk.partition, dropped = chunk.messages.len(),
+                        "discarding messages read before their partition was revoked; its next owner reads them");
+                    chunk.messages = Vec::new().into_iter();
                 }
-            } else {
-                match self.consumer.recv().now_or_never() {
-                    Some(r) => r.map(|m| convert(&m)),
-                    None => return Ok(SourceEvent::Batch(batch)),
+                if chunk.messages.as_slice().is_empty() {
+                    self.stash = None;
                 }
-            };
-            match received {
-                Ok(m) => {
-                    ctx.reachable.store(true, Ordering::Relaxed);
-                    if ctx.has_pending() {
-                        // An assignment change arrived with this message:
-                        // the event goes first.
-                        self.stash = Some(m);
-                    } else {
-                        batch.push(m);
-                    }
-                }
-                Err(e) => {
-                    self.on_error(&e);
-                    if !batch.is_empty() {
-                        return Ok(SourceEvent::Batch(batch));
-                    }
-                }
+                continue;
+            }
+            if let Ok(chunk) = self.chunks.try_recv() {
+                self.stash = Some(chunk);
+                continue;
+            }
+            if !batch.is_empty() {
+                return Ok(SourceEvent::Batch(batch));
+            }
+            let consumer = self.consumer.clone();
+            tokio::select! {
+                biased;
+                r = async { consumer.recv().await.map(|m| convert(&m)) } => self.on_main(r),
+                Some(chunk) = self.chunks.recv() => self.stash = Some(chunk),
+                _ = tokio::time::sleep(IDLE_TICK) => self.check_reachable().await,
             }
         }
     }
