@@ -446,6 +446,27 @@ impl StreamProcessorSpec {
             if let Some(r) = &state.redis {
                 c.redis_url("spec.state.redis", &r.url, r.tls.as_ref());
             }
+            // State snapshots are keyed by partition and restored when a pod
+            // is assigned one, and a saved snapshot lets the source commit
+            // past the messages it holds. NATS and Redis Streams hand messages
+            // to whichever pod asks: no partition to restore by, so a snapshot
+            // would let messages be acked that a replaced pod then never
+            // restores.
+            if state.backend == crate::StateBackend::Redis {
+                let kind = if self.source.nats.is_some() {
+                    Some("nats")
+                } else if self.source.redis.is_some() {
+                    Some("redis")
+                } else {
+                    None
+                };
+                if let Some(kind) = kind {
+                    c.err(
+                        "spec.state.backend",
+                        format!("state in Redis needs a kafka source: a {kind} source has no partitions whose state a pod could restore; use memory (windows rebuild from redelivered messages, which stay unacked until their window closes)"),
+                    );
+                }
+            }
             if let Some(ttl) = &state.ttl {
                 c.positive("spec.state.ttl".into(), ttl);
             }

@@ -338,3 +338,61 @@ fn server_restart_mid_stream_recovers_by_itself() {
     let duplicates = check_output(&records, N, false);
     eprintln!("server restart: {} out, {duplicates} duplicates", records.len());
 }
+
+/// Sum of the `count` of every window result in stream `name`.
+async fn window_count_sum(nats: &Nats, name: &str) -> u64 {
+    read_stream(nats, name)
+        .await
+        .iter()
+        .filter_map(|(p, _)| serde_json::from_slice::<Value>(p).ok())
+        .filter_map(|v| v["count"].as_u64())
+        .sum()
+}
+
+/// An open window holds its messages unacked (acks follow the low-water
+/// mark) for longer than ackWait: the worker's in-progress acks keep the
+/// server from redelivering them, so each is counted once.
+#[test]
+fn messages_held_by_a_window_longer_than_ack_wait_are_counted_once() {
+    let nats = Nats::start();
+    let rt = runtime();
+    const N: u64 = 2_000;
+    rt.block_on(create_streams(&nats));
+    rt.block_on(publish(&nats, inputs(0..N)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(&nats, "windows");
+    // ackWait 2s (from spec()); a session closes 5 s after its key's last
+    // message, so every message is held at least that long (a tumbling
+    // window aligned to the clock could close sooner than ackWait).
+    s["pipeline"] =
+        json!([{"window": {"type": "session", "gap": "5s", "keyBy": "msg.key", "aggregate": {"count": {}}}}]);
+    let spec = write_spec(dir.path(), &s);
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a", &[]);
+    let deadline = Instant::now() + STREAM_DEADLINE;
+    let counted = rt.block_on(async {
+        loop {
+            worker.assert_running();
+            let counted = window_count_sum(&nats, "OUT").await;
+            if counted >= N {
+                return counted;
+            }
+            assert!(Instant::now() < deadline, "{counted} of {N} counted; the worker's log:\n{}", worker.log_tail());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    // Redeliveries would come ackWait after a message was last extended;
+    // look again after that.
+    std::thread::sleep(Duration::from_secs(4));
+    let again = rt.block_on(window_count_sum(&nats, "OUT"));
+    let info = rt.block_on(async {
+        let mut consumer: jetstream::consumer::Consumer<pull::Config> =
+            js(&nats).await.get_stream("IN").await.expect("IN").get_consumer("windows").await.expect("the durable");
+        consumer.info().await.expect("consumer info").clone()
+    });
+    eprintln!(
+        "window over NATS with ackWait 2s: {counted} then {again} counted for {N} inputs; {} redelivered, {} pending acks",
+        info.num_redelivered, info.num_ack_pending
+    );
+    assert_eq!(info.num_redelivered, 0, "the server redelivered nothing");
+    assert_eq!((counted, again), (N, N), "every message counted once: none redelivered while its window was open");
+}

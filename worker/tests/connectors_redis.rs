@@ -527,3 +527,55 @@ fn sink_dedupe_writes_each_output_once_across_redeliveries_and_a_server_restart(
     rt.block_on(plain.write(&batch[..100])).expect("write again");
     assert_eq!(read_stream(&redis, "plain").len(), 200);
 }
+
+/// Sum of the `count` of every window result in stream `name`.
+fn window_count_sum(redis: &Redis, name: &str) -> u64 {
+    read_stream(redis, name)
+        .iter()
+        .filter_map(|(_, f)| f.get("payload"))
+        .filter_map(|p| serde_json::from_slice::<Value>(p).ok())
+        .filter_map(|v| v["count"].as_u64())
+        .sum()
+}
+
+/// Two pods in one group, windows that hold entries (pending, unacked) for
+/// longer than claimIdle: each pod keeps its held entries' idle time low,
+/// so the other pod's XAUTOCLAIM does not take them and count them twice.
+#[test]
+fn entries_held_by_a_window_longer_than_claim_idle_are_not_claimed_by_another_pod() {
+    let redis = Redis::start();
+    const N: u64 = 4_000;
+    produce(&redis, 0..N);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(&redis, "windows", Some("2s"));
+    s["pipeline"] =
+        json!([{"window": {"type": "session", "gap": "5s", "keyBy": "msg.key", "aggregate": {"count": {}}}}]);
+    s["batchSize"] = json!(100);
+    let spec = write_spec(dir.path(), &s);
+    let mut a = Worker::start(&spec, dir.path().join("worker-a.log"), "pod-a", &[]);
+    let mut b = Worker::start(&spec, dir.path().join("worker-b.log"), "pod-b", &[]);
+    let deadline = Instant::now() + STREAM_DEADLINE;
+    let counted = loop {
+        a.assert_running();
+        b.assert_running();
+        let counted = window_count_sum(&redis, "out");
+        if counted >= N && pending(&redis, "windows") == 0 {
+            break counted;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{counted} of {N} counted; pod-a's log:\n{}\npod-b's log:\n{}",
+            a.log_tail(),
+            b.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let again = window_count_sum(&redis, "out");
+    let claimed =
+        [&a, &b].iter().map(|w| w.log_text().matches("claimed entries idle past claimIdle").count()).sum::<usize>();
+    eprintln!(
+        "windows over Redis with claimIdle 2s, two pods: {counted} then {again} counted for {N} inputs; {claimed} claims"
+    );
+    assert_eq!((counted, again), (N, N), "every entry counted once: none claimed by the other pod while held");
+}

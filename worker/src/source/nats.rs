@@ -6,6 +6,8 @@
 //!   └─ consumer.stream().max_messages_per_batch(max) ──> Message{partition 0, offset = local seq,
 //!                                                          headers, key = Sluice-Key header}
 //! acker: commit(0, next) ──> +ACK every message handed out below `next`, then flush
+//! every ackWait/2: +WPI (in progress) for messages held that long, so the
+//!   ones an open window holds are not redelivered while this worker lives
 //! ```
 //!
 //! As for Redis, offsets are a local sequence: redeliveries (after ackWait,
@@ -244,7 +246,9 @@ fn to_message(m: &jetstream::Message, offset: i64) -> Message {
     }
 }
 
-type InFlight = Arc<Mutex<VecDeque<(i64, jetstream::Message)>>>;
+/// Handed-out messages in sequence order until acked, with when their ack
+/// deadline was last extended.
+type InFlight = Arc<Mutex<VecDeque<(i64, jetstream::Message, tokio::time::Instant)>>>;
 
 pub struct NatsSource {
     stream_name: String,
@@ -260,6 +264,9 @@ pub struct NatsSource {
     backoff: Backoff,
     /// For `/readyz`: false while the server does not answer.
     up: Arc<AtomicBool>,
+    /// Messages held longer than this get an in-progress ack (half ackWait).
+    extend_after: Duration,
+    next_extend: tokio::time::Instant,
 }
 
 impl NatsSource {
@@ -291,6 +298,7 @@ impl NatsSource {
             ..Default::default()
         };
         let inflight: InFlight = Arc::default();
+        let extend_after = config.ack_wait / 2;
         let acker = Arc::new(NatsAcker { client, inflight: inflight.clone() });
         tracing::info!(stream = %spec.stream, durable, servers = %spec.servers.join(","), "NATS JetStream consumer configured");
         Ok(Self {
@@ -306,7 +314,50 @@ impl NatsSource {
             acker,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             up,
+            extend_after,
+            next_extend: tokio::time::Instant::now() + extend_after,
         })
+    }
+
+    /// Messages stay unacked while the pipeline holds them (an open window
+    /// needs them; acks follow the low-water mark, so later ones wait too),
+    /// which can be longer than ackWait. Every half ackWait, each message
+    /// handed out at least that long ago gets an in-progress ack (`+WPI`),
+    /// which restarts its ackWait on the server: held messages are not
+    /// redelivered to another consumer and counted twice. A worker that
+    /// dies stops extending, and its messages come back after ackWait.
+    async fn extend_ack_deadlines(&mut self) {
+        let now = tokio::time::Instant::now();
+        if now < self.next_extend {
+            return;
+        }
+        self.next_extend = now + self.extend_after;
+        let due: Vec<async_nats::Subject> = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+            inflight
+                .iter_mut()
+                .filter(|(_, _, since)| now.duration_since(*since) >= self.extend_after)
+                .filter_map(|(_, m, since)| {
+                    *since = now;
+                    m.reply.clone()
+                })
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        let client = self.js.client();
+        let mut failed = 0usize;
+        for reply in &due {
+            if client.publish(reply.clone(), "+WPI".into()).await.is_err() {
+                failed += 1;
+            }
+        }
+        if failed > 0 || client.flush().await.is_err() {
+            tracing::warn!(stream = %self.stream_name, failed, "in-progress acks not sent; held messages may be redelivered after ackWait");
+        } else {
+            tracing::debug!(stream = %self.stream_name, count = due.len(), "extended the ack deadline of held messages");
+        }
     }
 
     /// The durable consumer and its message stream, created on first use
@@ -345,12 +396,17 @@ impl NatsSource {
     fn hand_out(&mut self, m: jetstream::Message) -> Message {
         self.seq += 1;
         let out = to_message(&m, self.seq);
-        self.inflight.lock().unwrap_or_else(PoisonError::into_inner).push_back((self.seq, m));
+        self.inflight.lock().unwrap_or_else(PoisonError::into_inner).push_back((
+            self.seq,
+            m,
+            tokio::time::Instant::now(),
+        ));
         out
     }
 
     async fn next_event(&mut self, max: usize) -> Result<SourceEvent, SourceError> {
         loop {
+            self.extend_ack_deadlines().await;
             let first = match self.messages(max).await {
                 Ok(stream) => tokio::time::timeout(IDLE_TICK, stream.next()).await,
                 Err(e) => {
@@ -430,8 +486,8 @@ impl Acker for NatsAcker {
             let done: Vec<jetstream::Message> = {
                 let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
                 let mut done = Vec::new();
-                while inflight.front().is_some_and(|(seq, _)| *seq < next) {
-                    if let Some((_, m)) = inflight.pop_front() {
+                while inflight.front().is_some_and(|(seq, _, _)| *seq < next) {
+                    if let Some((_, m, _)) = inflight.pop_front() {
                         done.push(m);
                     }
                 }

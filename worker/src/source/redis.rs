@@ -4,6 +4,8 @@
 //! start: XGROUP CREATE (MKSTREAM; `$` for latest, `0` for earliest)
 //!        XREADGROUP ... STREAMS s 0    our own pending entries first (a restarted pod)
 //! loop:  XAUTOCLAIM every claimIdle/2  entries idle past claimIdle (a dead pod's)
+//!        XCLAIM ... JUSTID every claimIdle/2  our own entries held that long (an
+//!                                       open window's), so no other pod takes them
 //!        XREADGROUP COUNT max BLOCK 1s STREAMS s >
 //!   each entry ──> Message{partition 0, offset = local sequence, key, payload, headers}
 //! acker: commit(0, next) ──> XACK every entry handed out below `next`
@@ -201,7 +203,7 @@ fn to_message(id: String, fields: Vec<(String, Vec<u8>)>, offset: i64) -> Messag
 }
 
 /// Handed-out entries, in sequence order, until XACKed.
-type InFlight = Arc<Mutex<VecDeque<(i64, String)>>>;
+type InFlight = Arc<Mutex<VecDeque<(i64, String, Instant)>>>;
 
 pub struct RedisSource {
     conn: ConnectionManager,
@@ -292,7 +294,7 @@ impl RedisSource {
             .into_iter()
             .map(|(id, fields)| {
                 self.seq += 1;
-                inflight.push_back((self.seq, id.clone()));
+                inflight.push_back((self.seq, id.clone(), Instant::now()));
                 to_message(id, fields, self.seq)
             })
             .collect();
@@ -323,7 +325,7 @@ impl RedisSource {
                     // Entries still in flight here are being processed: not ours to redo.
                     let entries: Vec<Entry> = {
                         let inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-                        entries.into_iter().filter(|(id, _)| !inflight.iter().any(|(_, i)| i == id)).collect()
+                        entries.into_iter().filter(|(id, _)| !inflight.iter().any(|(_, i, _)| i == id)).collect()
                     };
                     if entries.is_empty() {
                         return Ok(None);
@@ -333,6 +335,7 @@ impl RedisSource {
                 }
             }
         }
+        self.keep_held_entries().await?;
         if let Some(idle) = self.claim_idle
             && Instant::now() >= self.next_claim
         {
@@ -359,7 +362,7 @@ impl RedisSource {
             // Our own in-flight entries may be idle too: not ours to redo.
             let claimed: Vec<Entry> = {
                 let inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-                claimed.into_iter().filter(|(id, _)| !inflight.iter().any(|(_, i)| i == id)).collect()
+                claimed.into_iter().filter(|(id, _)| !inflight.iter().any(|(_, i, _)| i == id)).collect()
             };
             if !claimed.is_empty() {
                 tracing::info!(stream = %self.stream, count = claimed.len(), ?idle, "claimed entries idle past claimIdle");
@@ -381,6 +384,40 @@ impl RedisSource {
             .await?;
         let entries = read_reply(&reply);
         Ok((!entries.is_empty()).then(|| self.batch(entries)))
+    }
+
+    /// Entries stay pending while the pipeline holds them (an open window
+    /// needs them; XACKs follow the low-water mark, so later ones wait too),
+    /// which can be longer than `claimIdle`, after which another pod's
+    /// XAUTOCLAIM would take them and count them twice. Every half
+    /// `claimIdle`, the entries this worker has held that long are claimed
+    /// again by itself (XCLAIM ... JUSTID, which resets their idle time and
+    /// not their delivery count). A worker that dies stops, and its entries
+    /// go to another pod after `claimIdle`.
+    async fn keep_held_entries(&mut self) -> Result<(), redis::RedisError> {
+        let Some(idle) = self.claim_idle else { return Ok(()) };
+        let every = (idle / 2).max(Duration::from_millis(100));
+        let now = Instant::now();
+        let due: Vec<String> = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+            inflight
+                .iter_mut()
+                .filter(|(_, _, since)| now.duration_since(*since) >= every)
+                .map(|(_, id, since)| {
+                    *since = now;
+                    id.clone()
+                })
+                .collect()
+        };
+        for ids in due.chunks(1000) {
+            let mut cmd = redis::cmd("XCLAIM");
+            cmd.arg(&self.stream).arg(&self.group).arg(&self.consumer).arg(0).arg(ids).arg("JUSTID");
+            let _: Value = cmd.query_async(&mut self.conn).await?;
+        }
+        if !due.is_empty() {
+            tracing::debug!(stream = %self.stream, count = due.len(), "reset the idle time of held entries");
+        }
+        Ok(())
     }
 
     async fn next_event(&mut self, max: usize) -> Result<SourceEvent, SourceError> {
@@ -485,7 +522,7 @@ impl Acker for RedisAcker {
             };
             let ids: Vec<String> = {
                 let inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-                inflight.iter().take_while(|(seq, _)| *seq < next).map(|(_, id)| id.clone()).collect()
+                inflight.iter().take_while(|(seq, _, _)| *seq < next).map(|(_, id, _)| id.clone()).collect()
             };
             if ids.is_empty() {
                 return Ok(());
@@ -502,7 +539,7 @@ impl Acker for RedisAcker {
             }
             // Acked: forget them (only now, so a failed XACK is retried next time).
             let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-            while inflight.front().is_some_and(|(seq, _)| *seq < next) {
+            while inflight.front().is_some_and(|(seq, _, _)| *seq < next) {
                 inflight.pop_front();
             }
             Ok(())
