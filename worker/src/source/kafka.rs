@@ -205,6 +205,11 @@ pub struct GroupContext {
     next_reader: AtomicU64,
     /// The batch size `next` was last asked for: the readers' chunk size.
     chunk_size: Arc<AtomicUsize>,
+    /// Why a partition got no reader of its own, if one did not. There is
+    /// no safe fallback (a queue once split is never forwarded to the main
+    /// queue again, and a second split of a queue whose old handle still
+    /// lives loses its wake-ups), so the run fails and the pod restarts.
+    broken: Mutex<Option<String>>,
 }
 
 /// A message chunk from one partition's reader.
@@ -257,13 +262,16 @@ impl GroupContext {
     fn start_readers(&self, partitions: &[i32]) {
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(topic = %self.topic, ?partitions, "no async runtime in the rebalance callback; these partitions are read from the consumer's main queue");
+            self.break_source(format!("no async runtime in the rebalance callback for partitions {partitions:?}"));
             return;
         };
         for &p in partitions {
-            self.await_stopped(p);
+            if !self.await_stopped(p) {
+                self.break_source(format!("the previous reader of partition {p} has not ended"));
+                continue;
+            }
             let Some(queue) = consumer.split_partition_queue(&self.topic, p) else {
-                tracing::warn!(topic = %self.topic, partition = p, "cannot split the partition's queue off; it is read from the consumer's main queue");
+                self.break_source(format!("cannot split the queue of partition {p} off"));
                 continue;
             };
             let id = self.next_reader.fetch_add(1, Ordering::Relaxed);
@@ -301,17 +309,21 @@ impl GroupContext {
         }
     }
 
-    /// Waits (bounded) until the stopped readers of `partition` have ended.
-    fn await_stopped(&self, partition: i32) {
+    fn break_source(&self, why: String) {
+        tracing::error!(topic = %self.topic, reason = %why, "a partition has no reader; stopping the source");
+        self.broken.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(why);
+    }
+
+    /// Waits (bounded) until the stopped readers of `partition` have ended;
+    /// false if they have not.
+    fn await_stopped(&self, partition: i32) -> bool {
         let old: Vec<JoinHandle<()>> = {
             let mut stopping = self.stopping.lock().unwrap_or_else(PoisonError::into_inner);
             let (old, rest) = std::mem::take(&mut *stopping).into_iter().partition(|(p, _)| *p == partition);
             *stopping = rest;
             old.into_iter().map(|(_, t)| t).collect()
         };
-        if !wait_until(|| old.iter().all(JoinHandle::is_finished), READER_STOP) {
-            tracing::warn!(topic = %self.topic, partition, "the partition's previous reader has not ended yet; its late reads are discarded");
-        }
+        wait_until(|| old.iter().all(JoinHandle::is_finished), READER_STOP)
     }
 }
 
@@ -532,6 +544,7 @@ impl KafkaSource {
             chunks: chunks_tx,
             readers: Mutex::default(),
             stopping: Mutex::default(),
+            broken: Mutex::default(),
             next_reader: AtomicU64::new(0),
             chunk_size: Arc::new(AtomicUsize::new(500)),
         };
@@ -638,6 +651,9 @@ impl KafkaSource {
     /// or when the source is gone): its partition would silently stop, so
     /// the run fails instead and the pod restarts.
     fn check_readers(&self) -> Result<(), SourceError> {
+        if let Some(why) = self.consumer.context().broken.lock().unwrap_or_else(PoisonError::into_inner).clone() {
+            return Err(SourceError::Broker { kind: "kafka", detail: why });
+        }
         let mut readers = self.consumer.context().readers.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(partition) = readers.iter().find(|(_, r)| r.task.is_finished()).map(|(p, _)| *p) else {
             return Ok(());
@@ -676,6 +692,16 @@ impl KafkaSource {
                 self.on_main(r.map(|m| convert(&m)));
             }
             let ctx = self.consumer.context();
+            if ctx.has_pending() {
+                // A revocation served by the poll above may have taken
+                // partitions whose messages are in this batch: they are
+                // their next owner's now (it starts at the offset committed
+                // on revoke). Handing them out would have the runtime track
+                // and, under exactly-once, put into the open transaction a
+                // partition whose offsets can no longer be committed.
+                let assigned = ctx.assigned.lock().unwrap_or_else(PoisonError::into_inner);
+                batch.retain(|m| assigned.contains(&m.partition));
+            }
             if batch.is_empty() {
                 if let Some(e) = ctx.pop() {
                     return Ok(e);
@@ -712,7 +738,11 @@ impl KafkaSource {
                 biased;
                 r = async { consumer.recv().await.map(|m| convert(&m)) } => self.on_main(r),
                 Some(chunk) = self.chunks.recv() => self.stash = Some(chunk),
-                _ = tokio::time::sleep(IDLE_TICK) => self.check_reachable().await,
+                _ = tokio::time::sleep(IDLE_TICK) => {
+                    self.check_reachable().await;
+                    // A reader that died while nothing else arrives.
+                    self.check_readers()?;
+                }
             }
         }
     }
