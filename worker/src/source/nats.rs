@@ -6,7 +6,7 @@
 //!   └─ consumer.stream().max_messages_per_batch(max) ──> Message{partition 0, offset = local seq,
 //!                                                          headers, key = Sluice-Key header}
 //! acker: commit(0, next) ──> +ACK every message handed out below `next`, then flush
-//! every ackWait/2: +WPI (in progress) for messages held that long, so the
+//! every ackWait/4: +WPI (in progress) for messages held that long, so the
 //!   ones an open window holds are not redelivered while this worker lives
 //! ```
 //!
@@ -264,7 +264,10 @@ pub struct NatsSource {
     backoff: Backoff,
     /// For `/readyz`: false while the server does not answer.
     up: Arc<AtomicBool>,
-    /// Messages held longer than this get an in-progress ack (half ackWait).
+    /// How often held messages are looked at, and how long one is held
+    /// before it gets an in-progress ack: a quarter of ackWait, so that a
+    /// message handed out just after a pass is extended well before its
+    /// ackWait (whose clock started when the server sent it) runs out.
     extend_after: Duration,
     next_extend: tokio::time::Instant,
 }
@@ -298,7 +301,7 @@ impl NatsSource {
             ..Default::default()
         };
         let inflight: InFlight = Arc::default();
-        let extend_after = config.ack_wait / 2;
+        let extend_after = config.ack_wait / 4;
         let acker = Arc::new(NatsAcker { client, inflight: inflight.clone() });
         tracing::info!(stream = %spec.stream, durable, servers = %spec.servers.join(","), "NATS JetStream consumer configured");
         Ok(Self {
@@ -321,8 +324,8 @@ impl NatsSource {
 
     /// Messages stay unacked while the pipeline holds them (an open window
     /// needs them; acks follow the low-water mark, so later ones wait too),
-    /// which can be longer than ackWait. Every half ackWait, each message
-    /// handed out at least that long ago gets an in-progress ack (`+WPI`),
+    /// which can be longer than ackWait. Every quarter ackWait, each message
+    /// held at least that long gets an in-progress ack (`+WPI`),
     /// which restarts its ackWait on the server: held messages are not
     /// redelivered to another consumer and counted twice. A worker that
     /// dies stops extending, and its messages come back after ackWait.

@@ -4,7 +4,7 @@
 //! start: XGROUP CREATE (MKSTREAM; `$` for latest, `0` for earliest)
 //!        XREADGROUP ... STREAMS s 0    our own pending entries first (a restarted pod)
 //! loop:  XAUTOCLAIM every claimIdle/2  entries idle past claimIdle (a dead pod's)
-//!        XCLAIM ... JUSTID every claimIdle/2  our own entries held that long (an
+//!        XCLAIM ... JUSTID every claimIdle/4  our own entries held that long (an
 //!                                       open window's), so no other pod takes them
 //!        XREADGROUP COUNT max BLOCK 1s STREAMS s >
 //!   each entry ──> Message{partition 0, offset = local sequence, key, payload, headers}
@@ -389,14 +389,16 @@ impl RedisSource {
     /// Entries stay pending while the pipeline holds them (an open window
     /// needs them; XACKs follow the low-water mark, so later ones wait too),
     /// which can be longer than `claimIdle`, after which another pod's
-    /// XAUTOCLAIM would take them and count them twice. Every half
+    /// XAUTOCLAIM would take them and count them twice. Every quarter
     /// `claimIdle`, the entries this worker has held that long are claimed
     /// again by itself (XCLAIM ... JUSTID, which resets their idle time and
     /// not their delivery count). A worker that dies stops, and its entries
     /// go to another pod after `claimIdle`.
     async fn keep_held_entries(&mut self) -> Result<(), redis::RedisError> {
         let Some(idle) = self.claim_idle else { return Ok(()) };
-        let every = (idle / 2).max(Duration::from_millis(100));
+        // A quarter: an entry read just after a pass is still re-claimed
+        // well before claimIdle.
+        let every = (idle / 4).max(Duration::from_millis(100));
         let now = Instant::now();
         let due: Vec<String> = {
             let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
