@@ -709,13 +709,20 @@ impl DeadLetterReader for NatsDeadLetters {
                 let mut fetched =
                     self.consumer.fetch().max_messages(max).messages().await.map_err(|e| self.error(e))?;
                 let mut batch = Vec::new();
+                let mut beyond = false;
                 while let Some(m) = fetched.next().await {
                     let m = m.map_err(|e| self.error(e))?;
                     let seq = m.info().map_err(|e| self.error(e))?.stream_sequence;
                     if seq > self.end {
-                        // The next redrive's: handed back at once.
-                        self.done = true;
-                        m.ack_with(async_nats::jetstream::AckKind::Nak(None)).await.map_err(|e| self.error(e))?;
+                        // The next redrive's: handed back (with a short
+                        // delay, so it does not come straight back). Not the
+                        // end of this one: a leader that stopped mid-batch
+                        // may have left messages up to `end` unacked, which
+                        // come back after NATS_ACK_WAIT.
+                        beyond = true;
+                        m.ack_with(async_nats::jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await
+                            .map_err(|e| self.error(e))?;
                         continue;
                     }
                     batch.push(nats_message(&m, seq));
@@ -724,14 +731,11 @@ impl DeadLetterReader for NatsDeadLetters {
                 if !batch.is_empty() {
                     return Ok(batch);
                 }
-                if self.done {
-                    break;
-                }
-                // Nothing to fetch now: finished, unless a leader that stopped
-                // mid-batch left messages awaiting their ack deadline; they
-                // come back after NATS_ACK_WAIT.
-                let ack_pending = match self.consumer.info().await {
-                    Ok(info) => info.num_ack_pending,
+                // Nothing up to `end` to fetch now: finished once everything
+                // up to `end` is acked (the ack floor), or, with nothing past
+                // `end` in the way, once nothing awaits an ack.
+                let info = match self.consumer.info().await {
+                    Ok(info) => info.clone(),
                     Err(e) => {
                         return Err(RedriveError::Read {
                             target: format!("nats/{}", self.subject),
@@ -739,7 +743,7 @@ impl DeadLetterReader for NatsDeadLetters {
                         });
                     }
                 };
-                if ack_pending == 0 {
+                if info.ack_floor.stream_sequence >= self.end || (!beyond && info.num_ack_pending == 0) {
                     self.done = true;
                 } else {
                     tokio::time::sleep(Duration::from_secs(1)).await;
