@@ -239,7 +239,10 @@ fn forget_deleted(
     event: &Result<watcher::Event<DeserializeGuard<StreamProcessor>>, watcher::Error>,
 ) {
     match event {
-        Ok(watcher::Event::Delete(p)) => ctx.forget(&p.namespace().unwrap_or_default(), &p.name_any()),
+        Ok(watcher::Event::Delete(p)) => {
+            ctx.tombstone(p.meta().uid.clone());
+            ctx.forget(&p.namespace().unwrap_or_default(), &p.name_any());
+        }
         Ok(watcher::Event::InitDone) => ctx.forget_all_but(|ns, name| {
             cache.get(&ObjectRef::<DeserializeGuard<StreamProcessor>>::new(name).within(ns)).is_some()
         }),

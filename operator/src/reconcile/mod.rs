@@ -86,6 +86,10 @@ pub struct Context {
     pub probe: Arc<dyn LagProbe>,
     pub stores: Stores,
     pub scale: Mutex<HashMap<(String, String), ScaleState>>,
+    /// Uids of processors deleted since the last relist: a reconcile that
+    /// was under way when its processor went (a probe takes seconds) puts
+    /// back what the deletion dropped, so it drops it again at its end.
+    deleted: Mutex<std::collections::HashSet<String>>,
     started: Instant,
 }
 
@@ -98,7 +102,17 @@ impl Context {
         probe: Arc<dyn LagProbe>,
         stores: Stores,
     ) -> Self {
-        Self { client, settings, metrics, recorder, probe, stores, scale: Mutex::default(), started: Instant::now() }
+        Self {
+            client,
+            settings,
+            metrics,
+            recorder,
+            probe,
+            stores,
+            scale: Mutex::default(),
+            deleted: Mutex::default(),
+            started: Instant::now(),
+        }
     }
 
     /// Drops what the operator keeps for a processor between reconciles
@@ -113,9 +127,23 @@ impl Context {
         self.probe.forget(namespace, name);
     }
 
+    /// The processor with `uid` was deleted ([`Context::forget`] it too).
+    pub fn tombstone(&self, uid: Option<String>) {
+        if let (Some(uid), Ok(mut d)) = (uid, self.deleted.lock()) {
+            d.insert(uid);
+        }
+    }
+
+    fn is_deleted(&self, uid: Option<&str>) -> bool {
+        uid.is_some_and(|u| self.deleted.lock().is_ok_and(|d| d.contains(u)))
+    }
+
     /// Keeps what the operator holds only for the processors `exists` names
     /// (after a relist: deletions while the watch was down send no event).
     pub fn forget_all_but(&self, exists: impl Fn(&str, &str) -> bool) {
+        if let Ok(mut d) = self.deleted.lock() {
+            d.clear();
+        }
         let gone: Vec<(String, String)> = match self.scale.lock() {
             Ok(m) => m.keys().filter(|(ns, name)| !exists(ns, name)).cloned().collect(),
             Err(_) => return,
@@ -161,7 +189,13 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<StreamProcessor>>, ctx: Arc<C
             ctx.forget(&sp.namespace().unwrap_or_default(), &sp.name_any());
             Ok(Action::await_change())
         }
-        Ok(sp) => reconcile_processor(sp, &ctx).await,
+        Ok(sp) => {
+            let result = reconcile_processor(sp, &ctx).await;
+            if ctx.is_deleted(sp.metadata.uid.as_deref()) {
+                ctx.forget(&sp.namespace().unwrap_or_default(), &sp.name_any());
+            }
+            result
+        }
         Err(invalid) => {
             // One object we cannot read must not stop the others: report it and move on.
             report::undeserializable(&ctx, invalid).await?;
