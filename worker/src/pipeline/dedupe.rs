@@ -48,6 +48,11 @@ impl DedupeStep {
         Ok(set.insert(id, now, self.ttl_ms))
     }
 
+    /// Partitions with ids remembered.
+    pub fn partitions(&self) -> Vec<i32> {
+        self.seen.keys().copied().collect()
+    }
+
     pub fn state_keys(&self) -> usize {
         self.seen.values().map(TtlSet::len).sum()
     }

@@ -376,13 +376,15 @@ impl Pipeline {
         snaps
     }
 
-    /// Partitions that hold state.
+    /// Partitions that hold state (windows or remembered dedupe ids): the
+    /// ones the periodic snapshot saves.
     pub fn stateful_partitions(&self) -> Vec<i32> {
         let mut ps: Vec<i32> = self
             .steps
             .iter()
             .flat_map(|s| match &s.kind {
                 StepKind::Window(w) => w.partitions(),
+                StepKind::Dedupe(d) => d.partitions(),
                 _ => Vec::new(),
             })
             .collect();

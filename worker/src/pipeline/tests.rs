@@ -157,3 +157,25 @@ fn processing_time_windows_fire_on_the_clock() {
     assert_eq!(records, vec![json!({"key": null, "start": 0, "end": 1000, "count": 2})]);
     assert!(!msg(2, "{}").payload.is_parsed());
 }
+
+#[test]
+fn dedupe_state_is_stateful_and_snapshotted_like_windows() {
+    let mut p = Pipeline::compile(&spec(json!([{"dedupe": {"key": "msg.id", "ttl": "1h"}}]))).unwrap();
+    let mut out = Vec::new();
+    let mut tally = Tally::default();
+    assert!(p.stateful_partitions().is_empty());
+    for (offset, partition) in [(0, 3), (1, 5), (2, 3)] {
+        let m = Message::new(partition, offset, format!(r#"{{"id":{offset}}}"#).into_bytes());
+        p.process(m, 0, &mut out, &mut tally);
+    }
+    // The periodic snapshot saves every partition this list names: a
+    // dedupe-only pipeline's ids were saved only when a partition was revoked.
+    assert_eq!(p.stateful_partitions(), vec![3, 5]);
+    let snaps = p.snapshot(3);
+    assert_eq!(snaps.len(), 1, "the dedupe step's ids for partition 3");
+    let mut restored = Pipeline::compile(&spec(json!([{"dedupe": {"key": "msg.id", "ttl": "1h"}}]))).unwrap();
+    restored.restore(3, snaps[0].0, &snaps[0].1).unwrap();
+    let mut again = Vec::new();
+    restored.process(Message::new(3, 7, br#"{"id":2}"#.to_vec()), 0, &mut again, &mut tally);
+    assert!(!again.iter().any(|o| matches!(o, Output::Deliver(..))), "a restored id is a duplicate: {again:?}");
+}
