@@ -207,6 +207,13 @@ async fn source_partitions(spec: &StreamProcessorSpec) -> Result<i32, String> {
     .map_err(|e| e.to_string())?
 }
 
+/// A sweep refused because the state Redis evicts by LFU: `OBJECT
+/// IDLETIME`, which keeps a rolling update's live keys safe, is not tracked
+/// under an LFU `maxmemory-policy`.
+pub fn no_idle_times(e: &redis::RedisError) -> bool {
+    e.to_string().contains("LFU")
+}
+
 /// The janitor task: sweeps every `INTERVAL` until `stop`. Returns at once
 /// (waiting for `stop`) when the state is not in Redis.
 pub async fn run(spec: &StreamProcessorSpec, processor: &str, metrics: &Metrics, stop: CancellationToken) {
@@ -254,6 +261,15 @@ pub async fn run(spec: &StreamProcessorSpec, processor: &str, metrics: &Metrics,
                 kept_recent = s.kept_recent, next_in = ?INTERVAL, "state janitor deleted orphaned snapshots"),
             Ok(s) => {
                 tracing::debug!(scanned = s.scanned, kept_recent = s.kept_recent, "state janitor: nothing to delete")
+            }
+            // OBJECT IDLETIME, which keeps a rolling update's live keys
+            // safe, does not exist under an LFU eviction policy.
+            Err(e) if no_idle_times(&e) => {
+                tracing::warn!(error = %e, "state janitor disabled: the state Redis evicts by LFU (maxmemory-policy), \
+                    which keeps no idle times, and without them the janitor cannot tell a live snapshot from an orphan; \
+                    orphaned snapshots stay (set state.ttl to expire them)");
+                stop.cancelled().await;
+                return;
             }
             Err(e) => tracing::warn!(error = %e, next_in = ?INTERVAL, "state janitor sweep failed; trying again later"),
         }

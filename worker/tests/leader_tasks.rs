@@ -20,7 +20,7 @@ use rdkafka::{
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 use sluice_crds::StreamProcessorSpec;
-use sluice_tests::brokers::{Kafka, KafkaRecord, Nats, Redis};
+use sluice_tests::brokers::{Kafka, KafkaRecord, Nats, Redis, RedisConfig};
 use sluice_worker::{
     janitor::{self, Layout, Orphan},
     metrics::Metrics,
@@ -92,6 +92,23 @@ async fn the_janitor_deletes_only_snapshots_no_pipeline_can_read() {
     // Idempotent: a second sweep finds nothing.
     let again = janitor::sweep(&mut conn, &keys, &layout, Duration::ZERO, None).await.expect("sweep");
     assert_eq!((again.deleted_total(), again.scanned), (0, live.len() as u64));
+}
+
+/// Under an LFU eviction policy Redis keeps no idle times: the sweep fails
+/// (deleting nothing) and says why, and the janitor turns itself off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_deletes_nothing_where_redis_keeps_no_idle_times() {
+    let mut config = RedisConfig::default();
+    config.directives.insert("maxmemory-policy".into(), "allkeys-lfu".into());
+    let server = Redis::start_with(config).unwrap_or_else(|e| panic!("{e}"));
+    let mut conn = redis_conn(&server.url()).await;
+    let keys = StateKeys::new("shop/orders");
+    let orphan = keys.snapshot(0, 2);
+    let _: () = conn.set(&orphan, b"{}".as_slice()).await.expect("SET");
+    let layout = Layout { stateful_steps: vec![1], partitions: Some(4) };
+    let e = janitor::sweep(&mut conn, &keys, &layout, Duration::ZERO, None).await.expect_err("no idle times under LFU");
+    assert!(janitor::no_idle_times(&e), "recognised as the LFU case: {e}");
+    assert!(conn.exists::<_, bool>(&orphan).await.expect("EXISTS"), "nothing deleted");
 }
 
 // ----------------------------------------------------------------- redrive --
