@@ -56,6 +56,11 @@ use crate::{
 
 /// The Lease annotation holding the last redrive id that finished.
 pub const ANNOTATION_DONE: &str = "sluice.io/redrive-done";
+/// Where the last finished redrive of Kafka dead letters ended, per
+/// partition (JSON): the redrive group has no members, so the broker
+/// expires its committed offsets (`offsets.retention.minutes`, 7 days by
+/// default), and a later redrive must not start over from the beginning.
+pub const ANNOTATION_KAFKA_END: &str = "sluice.io/redrive-kafka-end";
 /// The header every republished record carries.
 pub const HEADER_REDRIVE_ID: &str = "sluice-redrive-id";
 /// The consumer group of a Redis dead-letter stream (the stream is the
@@ -134,7 +139,9 @@ pub fn requested(spec: &StreamProcessorSpec) -> Option<&str> {
 /// run it again.
 pub trait RedriveLedger: Send + Sync {
     fn done(&self) -> BoxFuture<'_, Result<Option<String>, RedriveError>>;
-    fn record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RedriveError>>;
+    /// Where the last finished redrive ended ([`DeadLetterReader::position`]).
+    fn position(&self) -> BoxFuture<'_, Result<Option<String>, RedriveError>>;
+    fn record<'a>(&'a self, id: &'a str, position: Option<&'a str>) -> BoxFuture<'a, Result<(), RedriveError>>;
 }
 
 /// The annotation `sluice.io/redrive-done` on the worker's own Lease (the
@@ -165,9 +172,20 @@ impl RedriveLedger for LeaseLedger {
         })
     }
 
-    fn record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RedriveError>> {
+    fn position(&self) -> BoxFuture<'_, Result<Option<String>, RedriveError>> {
         Box::pin(async move {
-            let patch = serde_json::json!({"metadata": {"annotations": {ANNOTATION_DONE: id}}});
+            let lease = self.api.get(&self.name).await.map_err(|e| self.error(e))?;
+            Ok(lease.metadata.annotations.and_then(|mut a| a.remove(ANNOTATION_KAFKA_END)))
+        })
+    }
+
+    fn record<'a>(&'a self, id: &'a str, position: Option<&'a str>) -> BoxFuture<'a, Result<(), RedriveError>> {
+        Box::pin(async move {
+            let mut annotations = serde_json::json!({ ANNOTATION_DONE: id });
+            if let Some(p) = position {
+                annotations[ANNOTATION_KAFKA_END] = serde_json::json!(p);
+            }
+            let patch = serde_json::json!({"metadata": {"annotations": annotations}});
             self.api
                 .patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
@@ -177,18 +195,27 @@ impl RedriveLedger for LeaseLedger {
     }
 }
 
-/// A ledger in memory: for tests.
+/// A ledger in memory: for tests. (Done id, position.)
 #[derive(Default)]
-pub struct MemoryLedger(Mutex<Option<String>>);
+pub struct MemoryLedger(Mutex<(Option<String>, Option<String>)>);
 
 impl RedriveLedger for MemoryLedger {
     fn done(&self) -> BoxFuture<'_, Result<Option<String>, RedriveError>> {
-        let done = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let done = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0.clone();
         Box::pin(async move { Ok(done) })
     }
 
-    fn record<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RedriveError>> {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(id.to_string());
+    fn position(&self) -> BoxFuture<'_, Result<Option<String>, RedriveError>> {
+        let position = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).1.clone();
+        Box::pin(async move { Ok(position) })
+    }
+
+    fn record<'a>(&'a self, id: &'a str, position: Option<&'a str>) -> BoxFuture<'a, Result<(), RedriveError>> {
+        let mut ledger = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        ledger.0 = Some(id.to_string());
+        if let Some(p) = position {
+            ledger.1 = Some(p.to_string());
+        }
         Box::pin(async { Ok(()) })
     }
 }
@@ -203,6 +230,11 @@ pub trait DeadLetterReader: Send {
     /// Everything `next` returned has been republished: move the position
     /// past it.
     fn commit(&mut self) -> BoxFuture<'_, Result<(), RedriveError>>;
+    /// Where a finished redrive leaves the dead letters, for the ledger to
+    /// keep when the broker may forget it (Kafka); None where it does not.
+    fn position(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A Kafka dead-letter topic, every partition, in the group
@@ -217,10 +249,16 @@ pub struct KafkaDeadLetters {
     open: BTreeSet<i32>,
     /// Per partition, one past the last record returned (what `commit` commits).
     next: BTreeMap<i32, i64>,
+    /// Per partition, what this redrive covers once finished: the end when
+    /// opened, or a recorded end beyond it.
+    covered: BTreeMap<i32, i64>,
 }
 
 impl KafkaDeadLetters {
-    pub fn open(spec: &StreamProcessorSpec, group: &str) -> Result<Self, RedriveError> {
+    /// `floor`: per partition, where an earlier finished redrive ended (the
+    /// ledger's record), so a group whose offsets the broker expired does
+    /// not start over.
+    pub fn open(spec: &StreamProcessorSpec, group: &str, floor: &BTreeMap<i32, i64>) -> Result<Self, RedriveError> {
         let field = "spec.deadLetter.kafka";
         let dl = spec
             .dead_letter
@@ -241,7 +279,7 @@ impl KafkaDeadLetters {
                 .map_err(|e| RedriveError::Config { field, detail: format!("the Kafka client rejected it: {e}") })?;
         let topic = dl.topic.clone();
         // Metadata, watermarks and committed offsets are blocking calls.
-        let (end, start) = tokio::task::block_in_place(|| -> Result<_, RedriveError> {
+        let (end, start, covered) = tokio::task::block_in_place(|| -> Result<_, RedriveError> {
             let timeout = Duration::from_secs(10);
             let md = consumer.fetch_metadata(Some(&topic), timeout).map_err(|e| read(e.to_string()))?;
             let mut partitions: Vec<i32> = Vec::new();
@@ -268,17 +306,20 @@ impl KafkaDeadLetters {
             };
             let mut start = BTreeMap::new();
             let mut end = BTreeMap::new();
+            let mut covered = BTreeMap::new();
             for (p, (low, high)) in low_high {
+                let recorded = floor.get(&p).copied().unwrap_or(low);
                 let from = match committed.find_partition(&topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => o.max(low),
-                    _ => low,
+                    Some(Offset::Offset(o)) => o.max(low).max(recorded),
+                    _ => low.max(recorded),
                 };
+                covered.insert(p, high.max(recorded));
                 if from < high {
                     start.insert(p, from);
                     end.insert(p, high);
                 }
             }
-            Ok((end, start))
+            Ok((end, start, covered))
         })?;
         let mut tpl = TopicPartitionList::new();
         for (p, from) in &start {
@@ -288,7 +329,7 @@ impl KafkaDeadLetters {
             consumer.assign(&tpl).map_err(|e| read(e.to_string()))?;
         }
         tracing::info!(topic = %topic, group, from = ?start, to = ?end, "redrive: reading the Kafka dead letters");
-        Ok(Self { consumer, topic, open: end.keys().copied().collect(), end, next: BTreeMap::new() })
+        Ok(Self { consumer, topic, open: end.keys().copied().collect(), end, next: BTreeMap::new(), covered })
     }
 
     /// Partitions whose fetch position passed the end without a record to
@@ -371,6 +412,10 @@ impl DeadLetterReader for KafkaDeadLetters {
             }
             Ok(batch)
         })
+    }
+
+    fn position(&self) -> Option<String> {
+        serde_json::to_string(&self.covered).ok()
     }
 
     fn commit(&mut self) -> BoxFuture<'_, Result<(), RedriveError>> {
@@ -829,10 +874,11 @@ fn sink_spec<S: serde::Serialize, T: serde::de::DeserializeOwned>(
 pub async fn dead_letter_reader(
     spec: &StreamProcessorSpec,
     processor: &str,
+    floor: &BTreeMap<i32, i64>,
 ) -> Result<Box<dyn DeadLetterReader>, RedriveError> {
     let dl = spec.dead_letter.as_ref();
     if dl.is_some_and(|d| d.kafka.is_some()) {
-        return Ok(Box::new(KafkaDeadLetters::open(spec, &consumer_name(processor))?));
+        return Ok(Box::new(KafkaDeadLetters::open(spec, &consumer_name(processor), floor)?));
     }
     if dl.is_some_and(|d| d.redis.is_some()) {
         return Ok(Box::new(RedisDeadLetters::open(spec).await?));
@@ -907,10 +953,14 @@ pub async fn attempt(
     if ledger.done().await?.as_deref() == Some(id) {
         return Ok(Outcome::AlreadyDone);
     }
-    let mut reader = dead_letter_reader(spec, processor).await?;
+    // A position recorded in another shape (another broker before a spec
+    // change) is no floor: it is ignored.
+    let floor: BTreeMap<i32, i64> =
+        ledger.position().await?.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default();
+    let mut reader = dead_letter_reader(spec, processor, &floor).await?;
     let mut sink = source_writer(spec).await?;
     let n = redrive(reader.as_mut(), sink.as_mut(), id, metrics).await?;
-    ledger.record(id).await?;
+    ledger.record(id, reader.position().as_deref()).await?;
     Ok(Outcome::Redriven(n))
 }
 

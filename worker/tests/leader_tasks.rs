@@ -166,6 +166,15 @@ fn redriven_with<'a>(records: &'a [KafkaRecord], id: &str) -> Vec<&'a KafkaRecor
 }
 
 /// The committed offsets of the redrive's group on `topic`.
+async fn delete_group(kafka: &Kafka, group: &str) {
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.bootstrap()).create().expect("admin client");
+    let results = admin.delete_groups(&[group], &rdkafka::admin::AdminOptions::new()).await.expect("delete group");
+    for r in results {
+        r.unwrap_or_else(|(g, e)| panic!("delete group {g}: {e}"));
+    }
+}
+
 fn committed(kafka: &Kafka, group: &str, topic: &str) -> Vec<Offset> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap())
@@ -231,6 +240,12 @@ async fn kafka_dead_letters_go_back_to_the_source_once_per_redrive_id() {
     let again =
         redrive::attempt(&with_redrive(&spec, "fix-1"), PROCESSOR, "fix-1", &ledger, None).await.expect("redrive");
     assert_eq!(again, Outcome::AlreadyDone);
+
+    // The broker forgets the redrive group's offsets (it has no members, so
+    // they expire after offsets.retention.minutes): the end recorded with
+    // fix-1 keeps the next redrive from starting over.
+    delete_group(&kafka, &group).await;
+    assert_eq!(committed(&kafka, &group, "dlq"), vec![Offset::Invalid], "the group's offsets are gone");
 
     // Still broken: the 6 fail again, 2 new poison inputs too.
     kafka.produce("in", inputs(100, 0, 2)).expect("produce");
