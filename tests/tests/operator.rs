@@ -306,12 +306,14 @@ async fn broker_problems_are_conditions_and_a_killed_worker_loses_nothing() {
     .await;
 
     // Input keeps arriving; one worker pod is force-deleted while the output flows.
+    // `wait`: how long a read may wait for the whole set (short while the
+    // stream flows, so a look does not itself outlast the input).
     let count =
-        |kafka: &Kafka| {
+        |kafka: &Kafka, wait: Duration| {
             let mut ids = std::collections::HashSet::new();
             let mut parsed = 0;
             kafka
-                .read_topic("orders-out", "read_uncommitted", Duration::from_secs(10), |r| {
+                .read_topic("orders-out", "read_uncommitted", wait, |r| {
                     ids.extend(r[parsed..].iter().filter_map(|rec| {
                         serde_json::from_slice::<serde_json::Value>(&rec.payload).ok()?["id"].as_u64()
                     }));
@@ -321,21 +323,27 @@ async fn broker_problems_are_conditions_and_a_killed_worker_loses_nothing() {
                 .expect("read the output");
             ids
         };
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let producer = std::thread::spawn({
-        let kafka = kafka.clone();
+        let (kafka, sent) = (kafka.clone(), sent.clone());
         move || {
             let records: Vec<(Option<String>, String)> =
                 (0..MESSAGES).map(|i| (Some(format!("k{}", i % 97)), json!({"id": i}).to_string())).collect();
             for chunk in records.chunks(500) {
                 kafka.produce("orders", chunk.iter().cloned()).expect("produce");
+                sent.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(250));
             }
         }
     });
+    // Kill once output flows and while a third or more of the input is yet
+    // to come (the producer paces 500 ids per 250 ms).
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while (count(&kafka).len() as u64) < MESSAGES / 5 {
+    while count(&kafka, Duration::from_millis(500)).is_empty()
+        || sent.load(std::sync::atomic::Ordering::Relaxed) < MESSAGES / 3
+    {
         assert!(std::time::Instant::now() < deadline, "the workers produce no output");
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(200));
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let victim = pods
@@ -353,17 +361,20 @@ async fn broker_problems_are_conditions_and_a_killed_worker_loses_nothing() {
         .output()
         .expect("kubectl delete pod");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let at_kill = count(&kafka).len();
+    let sent_at_kill = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let at_kill = count(&kafka, Duration::from_millis(500)).len();
     producer.join().expect("producer");
-    assert!((at_kill as u64) < MESSAGES, "the pod was killed after the stream ended");
+    assert!(sent_at_kill < MESSAGES, "the pod was killed while input was still arriving");
     let ids = eventually("every id arrives after the pod was killed", Duration::from_secs(240), || async {
-        let ids = count(&kafka);
+        let ids = count(&kafka, Duration::from_secs(10));
         (ids.len() as u64 >= MESSAGES).then_some(ids)
     })
     .await;
     let missing: Vec<u64> = (0..MESSAGES).filter(|i| !ids.contains(i)).take(10).collect();
     assert!(missing.is_empty(), "missing ids, e.g. {missing:?}");
-    eprintln!("worker pod {victim} force-deleted with {at_kill} of {MESSAGES} ids out; all {MESSAGES} arrived");
+    eprintln!(
+        "worker pod {victim} force-deleted with {sent_at_kill} of {MESSAGES} ids sent and {at_kill} out; all {MESSAGES} arrived"
+    );
 
     operator.stop().await;
     assert_operator_never_denied(&cluster);
