@@ -9,7 +9,8 @@
 //!
 //! Shutdown (SIGTERM or end of input): stop fetching; at end of input flush
 //! every window; close the pool queues; the tasks drain and snapshot; the
-//! sink stage drains, delivers, commits; then `run` returns. The caller
+//! sink stage drains, delivers, commits; the source hands back what is
+//! left unfinished (`Source::release`); then `run` returns. The caller
 //! bounds all of it with the grace period.
 
 use std::{
@@ -32,7 +33,7 @@ use crate::{
     pipeline::{Output, Pipeline},
     pool::{self, Outputs, PoolConfig, Work},
     sink::{Rejection, Sink, SinkError},
-    source::{Acker, RevokeHook, Source, SourceError, SourceEvent},
+    source::{Acker, Drain, RevokeHook, Source, SourceError, SourceEvent},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -53,22 +54,39 @@ pub const STALL: Duration = Duration::from_secs(30);
 const RECOMMIT_IDLE: Duration = Duration::from_secs(5);
 const RECOMMITS: u32 = 3;
 
+/// How long handing back unfinished messages at the end may take.
+const RELEASE: Duration = Duration::from_secs(5);
+
 /// How long a revocation waits for the revoked partitions' in-flight
 /// messages before it commits what is done and lets them go. Well under
 /// Kafka's rebalance timeout, so the group never waits on this worker.
 pub const REVOKE_DRAIN: Duration = Duration::from_secs(10);
 
 /// The runtime's side of `RevokeHook`: waits until every tracked offset of
-/// `partitions` has finished (or `REVOKE_DRAIN`), then returns their safe
-/// points. It runs inside the source's synchronous callback, on a runtime
-/// thread: `block_in_place` hands that thread's other tasks (the pool, the
-/// sink stage, which are what finishes the offsets) to another thread while
-/// it waits. On a current-thread runtime nothing else could run, so it does
-/// not wait and returns what is already done.
+/// the partitions `drain` names has finished (or `REVOKE_DRAIN`), then
+/// returns their safe points. It runs inside the source's synchronous
+/// callback, on a runtime thread, in the middle of the source loop's `next`
+/// (so no new work is dispatched meanwhile): `block_in_place` hands that
+/// thread's other tasks (the pool, the sink stage, which are what finishes
+/// the offsets) to another thread while it waits. On a current-thread
+/// runtime nothing else could run, so it does not wait and returns what is
+/// already done.
 fn revoke_hook(tracker: Arc<Mutex<OffsetTracker>>) -> RevokeHook {
-    Arc::new(move |partitions: &[i32]| {
+    Arc::new(move |revoked: &[i32], drain: Drain| {
         let lock = || tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let drained = || partitions.iter().all(|p| lock().drained(*p));
+        let scope = |t: &OffsetTracker| -> Vec<i32> {
+            let mut partitions = revoked.to_vec();
+            if drain == Drain::All {
+                partitions.extend(t.partitions());
+                partitions.sort_unstable();
+                partitions.dedup();
+            }
+            partitions
+        };
+        let drained = || {
+            let t = lock();
+            scope(&t).iter().all(|p| t.drained(*p))
+        };
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let started = std::time::Instant::now();
@@ -80,9 +98,10 @@ fn revoke_hook(tracker: Arc<Mutex<OffsetTracker>>) -> RevokeHook {
             });
         }
         let t = lock();
+        let partitions = scope(&t);
         let points: Vec<(i32, i64)> = partitions.iter().filter_map(|p| Some((*p, t.safe_point(*p)?))).collect();
         let in_flight: usize = partitions.iter().filter(|p| !t.drained(**p)).count();
-        tracing::info!(?partitions, waited = ?started.elapsed(), ?points, partitions_in_flight = in_flight,
+        tracing::info!(?revoked, ?drain, waited = ?started.elapsed(), ?points, partitions_in_flight = in_flight,
             "revocation: in-flight work drained; committing what is done");
         points
     })
@@ -215,7 +234,12 @@ impl Runtime {
                 tracing::error!(error = %e, "a pool task panicked");
             }
         }
-        let mut summary = match sink_stage.await {
+        let staged = sink_stage.await;
+        // Whatever was delivered is acknowledged by now; the rest goes back.
+        if tokio::time::timeout(RELEASE, source.release()).await.is_err() {
+            tracing::warn!(timeout = ?RELEASE, "handing back unfinished messages took too long; the broker redelivers them after its own timeout");
+        }
+        let mut summary = match staged {
             Ok(r) => r?,
             Err(e) => {
                 return Err(RuntimeError::Sink { kind: "stage", attempts: 0, error: e.to_string() });

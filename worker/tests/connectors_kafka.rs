@@ -455,6 +455,91 @@ fn exactly_once_kill_9_mid_transaction_read_committed_sees_each_input_once() {
     });
 }
 
+/// Exactly-once across live rebalances, as the operator's scaling causes
+/// them: worker B (its own pod, so its own transactional.id) joins while A
+/// is busy and takes some of A's partitions, then A leaves by SIGTERM and B
+/// takes the rest. Each revocation commits the open transaction before its
+/// partitions move, so a read_committed consumer sees every input exactly
+/// once, and neither worker dies on the way.
+#[test]
+fn exactly_once_across_live_rebalances_read_committed_sees_each_input_once() {
+    let kafka = Kafka::start();
+    kafka.create_topic("in", 8).expect("topic");
+    kafka.create_topic("out", 8).expect("topic");
+    kafka.create_topic("dlq", 1).expect("topic");
+    const N: u64 = 60_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(&kafka, "in", "out", "dlq", "eos-pair");
+    s["delivery"] = json!("exactlyOnce");
+    let spec = write_spec(dir.path(), &s);
+    let all = inputs(N);
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(|| {
+            for chunk in all.chunks(5_000) {
+                kafka.produce("in", chunk.iter().cloned()).expect("produce");
+            }
+        });
+        let mut a = Worker::start_as(&spec, dir.path().join("worker-a.log"), "worker-a");
+        wait_for_ids_in(&kafka, "out", "read_committed", 10_000, &mut a);
+        let mut b = Worker::start_as(&spec, dir.path().join("worker-b.log"), "worker-b");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !b.log_text().contains("partitions assigned") {
+            b.assert_running();
+            assert!(std::time::Instant::now() < deadline, "worker B never got partitions from A:\n{}", b.log_tail());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        wait_for_ids_in(&kafka, "out", "read_committed", 30_000, &mut b);
+        a.assert_running();
+        let status = a.terminate();
+        assert!(status.success(), "worker A exited with {status} after SIGTERM; its log:\n{}", a.log_tail());
+        let a_log = a.log_text();
+        assert!(a_log.contains("partitions revoked"), "worker A never gave partitions to B:\n{}", a.log_tail());
+        // Committed there, or already committed by the sink stage while the
+        // revocation waited for every partition to drain.
+        assert!(
+            a_log.contains("exactly-once: transaction committed on revocation")
+                || a_log.contains("exactly-once: nothing to commit on revocation"),
+            "worker A let partitions go without settling its transaction:\n{}",
+            a.log_tail()
+        );
+        wait_for_ids_in(&kafka, "out", "read_committed", N as usize, &mut b);
+        producer.join().expect("producer thread");
+        b.assert_running();
+        // The whole topic, not just up to the last new id: a duplicate can come after it.
+        let committed =
+            kafka.read_topic("out", "read_committed", Duration::from_secs(5), |_| false).expect("read committed");
+        let duplicates = check_output(&committed, N);
+        eprintln!(
+            "exactly-once across two rebalances: read_committed sees {} records for {N} inputs ({duplicates} duplicates)",
+            committed.len()
+        );
+        assert_eq!(duplicates, 0, "read_committed sees every input exactly once");
+        assert_eq!(committed.len() as u64, N);
+        // And the group's offsets are where the outputs are: a revoked
+        // partition's old position, committed again by its previous owner,
+        // would make the next worker redo what is already out.
+        let status = b.terminate();
+        assert!(status.success(), "worker B exited with {status} after SIGTERM; its log:\n{}", b.log_tail());
+        let lag = group_lag(&s);
+        assert_eq!(lag.total, 0, "the group's committed offsets lag the input: {:?}", lag.per_partition);
+    });
+}
+
+/// The lag of the spec's consumer group, as the operator's probe sees it.
+fn group_lag(spec: &Value) -> sluice_worker::probe::Lag {
+    use sluice_worker::probe::{Credentials, LagProbe, ProbeOptions, ProcessorRef, SourceProbe};
+    let source: sluice_crds::Source = serde_json::from_value(spec["source"].clone()).expect("source spec");
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(async {
+        let options = ProbeOptions { timeout: Duration::from_secs(10) };
+        SourceProbe::new(&source, &ProcessorRef::new("default", "local"), Credentials::default(), options)
+            .expect("probe")
+            .probe()
+            .await
+            .expect("lag")
+    })
+}
+
 /// Under exactly-once a record the broker refuses would abort the whole
 /// transaction (librdkafka allows nothing else), and the restarted worker
 /// would meet it again: a crash loop on one record. The transactional sink

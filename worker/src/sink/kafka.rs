@@ -13,7 +13,7 @@
 //! did arrive are sent again).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -79,11 +79,23 @@ pub struct KafkaSink {
 ///     transaction holds ─ send_offsets_to_transaction ─ commit_transaction
 /// any failure: abort, and refuse further writes: the run fails and the restarted
 ///     worker resumes from the last committed offsets (rewind)
+/// revocation (inside the consumer's callback, once every partition drained):
+///     commit now, the revoked partitions' offsets included, then forget them
 /// ```
+///
+/// The commit on revocation is what keeps a live rebalance exactly-once
+/// (as Kafka Streams commits on `onPartitionsRevoked`): left open, the
+/// transaction would hold outputs whose offsets can no longer be committed
+/// here, and the new owner, starting from the last committed offset, would
+/// produce them again.
 pub struct Transaction {
     producer: FutureProducer,
     pub transactional_id: String,
     state: Mutex<TxnState>,
+    /// Held by a write for its whole produce, so that a commit from the
+    /// revoke callback (another task) never commits records whose source
+    /// offsets are not noted yet. Lock order: `writing`, then `state`.
+    writing: tokio::sync::Mutex<()>,
     /// What the output topic accepts, read when the producer was made.
     limits: TopicLimits,
 }
@@ -178,7 +190,74 @@ struct TxnState {
     produced: BTreeMap<i32, i64>,
     /// The runtime's low-water marks so far (it reports only the ones that moved).
     marks: BTreeMap<i32, i64>,
+    /// The marks the last committed transaction carried.
+    committed_marks: BTreeMap<i32, i64>,
+    /// Revoked and not assigned again: their offsets are their new owner's
+    /// to commit. Marks reported for them later (the runtime hears of the
+    /// revocation after the callback) are ignored; committing them would
+    /// move the new owner's offsets backwards.
+    released: BTreeSet<i32>,
     failed: Option<String>,
+}
+
+impl TxnState {
+    fn note_marks(&mut self, positions: &[(i32, i64)]) {
+        for &(p, o) in positions {
+            if !self.released.contains(&p) {
+                self.marks.insert(p, o);
+            }
+        }
+    }
+
+    /// Partitions with outputs in the open transaction past their mark.
+    fn uncovered(&self) -> Vec<i32> {
+        self.produced.iter().filter(|(p, o)| self.marks.get(p).is_none_or(|m| m <= o)).map(|(p, _)| *p).collect()
+    }
+
+    /// What a revocation must do with the transaction, given every mark.
+    fn on_revocation(&self) -> Revocation {
+        let uncovered = self.uncovered();
+        if !uncovered.is_empty() {
+            Revocation::Abort { uncovered }
+        } else if self.produced.is_empty() && !self.open && self.marks == self.committed_marks {
+            Revocation::Nothing
+        } else {
+            Revocation::Commit
+        }
+    }
+
+    /// The revoked partitions leave the transaction's bookkeeping.
+    fn release(&mut self, revoked: &[i32]) {
+        for p in revoked {
+            self.marks.remove(p);
+            self.produced.remove(p);
+            self.committed_marks.remove(p);
+            self.released.insert(*p);
+        }
+    }
+
+    fn assign(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            self.released.remove(p);
+        }
+    }
+
+    fn note_produced(&mut self, batch: &[Message]) {
+        for m in batch {
+            let e = self.produced.entry(m.partition).or_insert(m.offset);
+            *e = (*e).max(m.offset);
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Revocation {
+    /// Outputs or moved marks to commit, all covered.
+    Commit,
+    /// Nothing open and no mark moved since the last commit.
+    Nothing,
+    /// These partitions' outputs are past their finished offsets.
+    Abort { uncovered: Vec<i32> },
 }
 
 /// How long a transaction may stay open before the broker aborts it.
@@ -228,11 +307,23 @@ impl Transaction {
             }
         })?;
         tracing::info!(transactional_id, topic = %spec.topic, "exactly-once: transactional producer ready");
-        Ok(Arc::new(Self { producer, transactional_id: transactional_id.to_string(), state: Mutex::default(), limits }))
+        Ok(Arc::new(Self {
+            producer,
+            transactional_id: transactional_id.to_string(),
+            state: Mutex::default(),
+            writing: tokio::sync::Mutex::new(()),
+            limits,
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TxnState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Aborts the open transaction and refuses every later write: the run
+    /// fails and the worker resumes from the committed offsets.
+    pub fn abort(&self, why: String) {
+        let _ = self.fail(why);
     }
 
     /// Aborts the open transaction and refuses every later write.
@@ -264,11 +355,7 @@ impl Transaction {
     }
 
     fn produced(&self, batch: &[Message]) {
-        let mut st = self.lock();
-        for m in batch {
-            let e = st.produced.entry(m.partition).or_insert(m.offset);
-            *e = (*e).max(m.offset);
-        }
+        self.lock().note_produced(batch);
     }
 
     /// The acker's half: record the low-water marks; commit the transaction
@@ -283,16 +370,75 @@ impl Transaction {
         if let Some(f) = &st.failed {
             return Err(f.clone());
         }
-        st.marks.extend(positions.iter().copied());
-        let covered = st.produced.iter().all(|(p, o)| st.marks.get(p).is_some_and(|m| m > o));
-        if !covered {
+        st.note_marks(positions);
+        if !st.uncovered().is_empty() {
             return Ok(false);
         }
+        match self.commit_locked(&mut st, topic, group) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                drop(st);
+                Err(self.fail(e))
+            }
+        }
+    }
+
+    /// Partitions (again) assigned to this worker: their marks count again.
+    pub fn assign(&self, partitions: &[i32]) {
+        self.lock().assign(partitions);
+    }
+
+    /// The revoke callback's half, called once the runtime has drained every
+    /// partition (`Drain::All`) with `positions` for all of them: commits
+    /// the open transaction with every partition's offsets, the revoked
+    /// ones included, while they are still this worker's; then forgets the
+    /// revoked partitions. If the marks still do not cover what the
+    /// transaction holds (the drain ran out of time), the transaction is
+    /// aborted instead: the run fails and the worker resumes from the
+    /// committed offsets, which is what the new owner does too. Ok(false):
+    /// nothing was open and no mark had moved.
+    pub fn commit_on_revoke(
+        &self,
+        topic: &str,
+        positions: &[(i32, i64)],
+        revoked: &[i32],
+        group: &rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> Result<bool, String> {
+        // Called from a synchronous callback on a runtime thread: the write
+        // in progress, if any, finishes on another thread meanwhile.
+        let _writing = tokio::task::block_in_place(|| futures::executor::block_on(self.writing.lock()));
+        let mut st = self.lock();
+        if let Some(f) = &st.failed {
+            return Err(f.clone());
+        }
+        st.note_marks(positions);
+        let result = match st.on_revocation() {
+            Revocation::Abort { uncovered } => Err(format!(
+                "revocation of partitions {revoked:?}: partitions {uncovered:?} have outputs in the open transaction past their finished offsets, so it cannot commit before the partitions move"
+            )),
+            Revocation::Nothing => Ok(false),
+            Revocation::Commit => self.commit_locked(&mut st, topic, group).map(|()| true),
+        };
+        st.release(revoked);
+        result.map_err(|e| {
+            drop(st);
+            self.fail(e)
+        })
+    }
+
+    /// Sends every mark with the open transaction (one is begun if none is,
+    /// so that moved marks alone still commit) and commits it.
+    fn commit_locked(
+        &self,
+        st: &mut TxnState,
+        topic: &str,
+        group: &rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> Result<(), String> {
         let mut tpl = rdkafka::TopicPartitionList::with_capacity(st.marks.len());
         for (p, o) in &st.marks {
             tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(*o)).map_err(|e| e.to_string())?;
         }
-        let result = tokio::task::block_in_place(|| -> Result<(), String> {
+        tokio::task::block_in_place(|| -> Result<(), String> {
             if !st.open {
                 self.producer.begin_transaction().map_err(|e| format!("begin_transaction: {e}"))?;
                 st.open = true;
@@ -301,18 +447,11 @@ impl Transaction {
                 .send_offsets_to_transaction(&tpl, group, TXN_CALL_TIMEOUT)
                 .map_err(|e| format!("send_offsets_to_transaction: {e}"))?;
             self.producer.commit_transaction(TXN_CALL_TIMEOUT).map_err(|e| format!("commit_transaction: {e}"))
-        });
-        match result {
-            Ok(()) => {
-                st.open = false;
-                st.produced.clear();
-                Ok(true)
-            }
-            Err(e) => {
-                drop(st);
-                Err(self.fail(e))
-            }
-        }
+        })?;
+        st.open = false;
+        st.produced.clear();
+        st.committed_marks = st.marks.clone();
+        Ok(())
     }
 }
 
@@ -399,6 +538,8 @@ impl KafkaSink {
     async fn write_batch(&self, batch: &[Message]) -> Result<(), SinkError> {
         let Some(txn) = &self.txn else { return self.produce(batch).await };
         let aborted = |detail: String| SinkError::Aborted { kind: "kafka", target: self.topic.clone(), detail };
+        // Until `produced` has noted the batch: see `Transaction::writing`.
+        let _writing = txn.writing.lock().await;
         txn.begin().map_err(|e| aborted(txn.fail(e)))?;
         match self.produce(batch).await {
             Ok(()) => {
@@ -608,6 +749,49 @@ mod tests {
         assert_eq!((at.brokers[0].as_str(), at.auth.is_none(), at.place), ("other:9092", true, "DEADLETTER"));
         let err = endpoint(&sink(serde_json::json!({"topic": "out"})), None, "SINK", "spec.sink.kafka").unwrap_err();
         assert!(err.to_string().starts_with("spec.sink.kafka: no brokers"), "{err}");
+    }
+
+    #[test]
+    fn a_revoked_partition_leaves_the_transaction_until_assigned_again() {
+        let mut st = TxnState { open: true, ..Default::default() };
+        st.note_produced(&[msg(0, 10), msg(1, 20)]);
+        st.note_marks(&[(0, 11), (1, 21)]);
+        assert_eq!(st.on_revocation(), Revocation::Commit);
+        st.release(&[1]);
+        assert_eq!(st.marks, BTreeMap::from([(0, 11)]), "its mark is no longer sent");
+        assert!(!st.produced.contains_key(&1));
+        // The runtime reports the revoked partition's position once more
+        // before it hears of the revocation: its new owner's offset must
+        // not be moved back to it.
+        st.note_marks(&[(0, 12), (1, 21)]);
+        assert_eq!(st.marks, BTreeMap::from([(0, 12)]));
+        st.assign(&[1]);
+        st.note_marks(&[(1, 40)]);
+        assert_eq!(st.marks, BTreeMap::from([(0, 12), (1, 40)]), "assigned again, it counts again");
+    }
+
+    #[test]
+    fn a_revocation_commits_only_what_the_marks_cover() {
+        let mut st = TxnState { open: true, ..Default::default() };
+        st.note_produced(&[msg(0, 10), msg(1, 20), msg(2, 5)]);
+        st.note_marks(&[(0, 11), (1, 20), (2, 6)]);
+        // Partition 1's output at offset 20 is in the transaction, but its
+        // offset has not finished: committing would lose it on a replay.
+        assert_eq!(st.on_revocation(), Revocation::Abort { uncovered: vec![1] });
+        st.note_marks(&[(1, 21)]);
+        assert_eq!(st.on_revocation(), Revocation::Commit);
+        // After a commit: nothing open, marks as committed.
+        st.open = false;
+        st.produced.clear();
+        st.committed_marks = st.marks.clone();
+        assert_eq!(st.on_revocation(), Revocation::Nothing);
+        // Marks alone moved (filtered messages): still worth a commit.
+        st.note_marks(&[(2, 9)]);
+        assert_eq!(st.on_revocation(), Revocation::Commit);
+    }
+
+    fn msg(partition: i32, offset: i64) -> Message {
+        Message { partition, offset, ..Message::default() }
     }
 
     #[test]

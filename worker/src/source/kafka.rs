@@ -61,7 +61,7 @@ use rdkafka::{
 use sluice_crds::{KafkaAuth, KafkaSource as KafkaSourceSpec, SaslMechanism, StartFrom};
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use super::{Acker, RevokeHook, Source, SourceError, SourceEvent};
+use super::{Acker, Drain, RevokeHook, Source, SourceError, SourceEvent};
 use crate::{
     message::{Message, Payload, now_ms},
     sink::kafka::Transaction,
@@ -188,8 +188,8 @@ pub struct GroupContext {
     reachable: Arc<AtomicBool>,
     /// The runtime's drain-and-report callback, called on revocation.
     on_revoke: Mutex<Option<RevokeHook>>,
-    /// Exactly-once: offsets go into transactions, never committed directly.
-    transactional: AtomicBool,
+    /// Exactly-once: offsets go into this transaction, never committed directly.
+    txn: OnceLock<Arc<Transaction>>,
     /// The consumer this context belongs to, to split partition queues off
     /// in the rebalance callback (which only gets the `BaseConsumer`).
     consumer: OnceLock<Weak<GroupConsumer>>,
@@ -414,6 +414,33 @@ impl GroupContext {
     }
 }
 
+impl GroupContext {
+    /// Exactly-once: commits the open transaction from inside the revoke
+    /// callback, with every partition's position (`Drain::All`), before the
+    /// revoked partitions move (`Transaction::commit_on_revoke`). A failure
+    /// has aborted the transaction; the sink's next write fails the run.
+    fn commit_transaction_now(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        txn: &Transaction,
+        points: &[(i32, i64)],
+        revoked: &[i32],
+    ) {
+        let Some(group) = consumer.group_metadata() else {
+            txn.abort(format!("revocation of partitions {revoked:?}: no consumer group metadata to commit with"));
+            return;
+        };
+        match txn.commit_on_revoke(&self.topic, points, revoked, &group) {
+            Ok(true) => tracing::info!(topic = %self.topic, ?revoked, ?points,
+                "exactly-once: transaction committed on revocation"),
+            Ok(false) => tracing::info!(topic = %self.topic, ?revoked,
+                "exactly-once: nothing to commit on revocation"),
+            Err(e) => tracing::error!(topic = %self.topic, ?revoked, error = %e,
+                "exactly-once: could not commit on revocation; the transaction is aborted and the worker resumes from the committed offsets"),
+        }
+    }
+}
+
 impl ClientContext for GroupContext {
     fn error(&self, error: KafkaError, reason: &str) {
         self.reachable.store(false, Ordering::Relaxed);
@@ -439,12 +466,19 @@ impl ConsumerContext for GroupContext {
             // Drain and commit what is done while the partitions are still
             // ours, so their next owner starts where we stopped.
             let hook = self.on_revoke.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            if let Some(hook) = hook
-                && !partitions.is_empty()
-            {
-                let points = hook(&partitions);
-                if !points.is_empty() && !self.transactional.load(Ordering::Relaxed) {
-                    self.commit_now(consumer, &points);
+            if !partitions.is_empty() {
+                match (self.txn.get(), hook) {
+                    (None, Some(hook)) => {
+                        let points = hook(&partitions, Drain::Revoked);
+                        if !points.is_empty() {
+                            self.commit_now(consumer, &points);
+                        }
+                    }
+                    (None, None) => {}
+                    (Some(txn), hook) => {
+                        let points = hook.map(|h| h(&partitions, Drain::All)).unwrap_or_default();
+                        self.commit_transaction_now(consumer, txn, &points, &partitions);
+                    }
                 }
             }
             self.stop_readers(&partitions);
@@ -465,6 +499,9 @@ impl ConsumerContext for GroupContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let partitions = self.partitions(tpl);
+                if let Some(txn) = self.txn.get() {
+                    txn.assign(&partitions);
+                }
                 self.assigned.lock().unwrap_or_else(PoisonError::into_inner).extend(partitions.iter().copied());
                 tracing::info!(topic = %self.topic, ?partitions, "Kafka assigned partitions");
                 if !partitions.is_empty() {
@@ -539,7 +576,7 @@ impl KafkaSource {
             assigned: Mutex::default(),
             reachable: Arc::new(AtomicBool::new(true)),
             on_revoke: Mutex::default(),
-            transactional: AtomicBool::new(false),
+            txn: OnceLock::new(),
             consumer: OnceLock::new(),
             chunks: chunks_tx,
             readers: Mutex::default(),
@@ -566,7 +603,7 @@ impl KafkaSource {
     /// Exactly-once: the acker commits offsets with `send_offsets_to_transaction`
     /// in `txn` (shared with the Kafka sink) instead of committing them itself.
     pub fn set_transaction(&mut self, txn: Arc<Transaction>) {
-        self.consumer.context().transactional.store(true, Ordering::Relaxed);
+        let _ = self.consumer.context().txn.set(txn.clone());
         self.txn = Some(txn);
     }
 

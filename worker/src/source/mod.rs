@@ -52,10 +52,22 @@ pub trait Acker: Send + Sync {
 
 /// Called by a source, synchronously, when partitions are about to be taken
 /// away (inside Kafka's revoke callback, before the group moves them): the
-/// runtime lets their in-flight messages finish, for a bounded time, and
-/// returns the positions that are safe to commit for them, so their next
-/// owner starts where this worker stopped instead of redoing its work.
-pub type RevokeHook = Arc<dyn Fn(&[i32]) -> Vec<(i32, i64)> + Send + Sync>;
+/// runtime lets in-flight messages finish, for a bounded time, and returns
+/// the positions that are safe to commit, so the partitions' next owner
+/// starts where this worker stopped instead of redoing its work.
+pub type RevokeHook = Arc<dyn Fn(&[i32], Drain) -> Vec<(i32, i64)> + Send + Sync>;
+
+/// What a revocation waits for, and whose positions it gets back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// The revoked partitions' in-flight messages; their positions.
+    /// At-least-once: each partition's offsets are committed on their own.
+    Revoked,
+    /// Every partition's in-flight messages; every partition's position.
+    /// Exactly-once: the one open transaction holds outputs of all
+    /// partitions, and it may commit only once their offsets cover them all.
+    All,
+}
 
 pub trait Source: Send {
     /// The next event; a batch holds at most `max` messages.
@@ -71,6 +83,24 @@ pub trait Source: Send {
     /// them go; others ignore it.
     fn on_revoke(&mut self, hook: RevokeHook) {
         let _ = hook;
+    }
+    /// The run is over and what was delivered is acknowledged: hand back
+    /// what this worker took and will not finish (messages an open window
+    /// held, ...), so that another consumer gets them now instead of after
+    /// the broker's redelivery timeout (NATS ackWait, Redis claimIdle).
+    /// Kafka needs nothing: uncommitted offsets go with the partitions.
+    fn release(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A background task of a source (or of the leader), aborted when its
+/// owner drops the handle: it never outlives what it serves.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
