@@ -396,3 +396,75 @@ fn messages_held_by_a_window_longer_than_ack_wait_are_counted_once() {
     assert_eq!(info.num_redelivered, 0, "the server redelivered nothing");
     assert_eq!((counted, again), (N, N), "every message counted once: none redelivered while its window was open");
 }
+
+/// A worker stopped while an open window holds its messages (SIGTERM, as a
+/// rollout or a scale-down does) hands them back with a nak: the next
+/// worker on the durable gets them at once, not after ackWait (10 minutes
+/// here, far past the test's deadline).
+#[test]
+fn messages_a_stopping_worker_holds_are_handed_back_at_once() {
+    let nats = Nats::start();
+    let rt = runtime();
+    const N: u64 = 2_000;
+    rt.block_on(create_streams(&nats));
+    rt.block_on(publish(&nats, inputs(0..N)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut held = spec(&nats, "handback");
+    held["source"]["nats"]["ackWait"] = json!("10m");
+    held["pipeline"] =
+        json!([{"window": {"type": "session", "gap": "1h", "keyBy": "msg.key", "aggregate": {"count": {}}}}]);
+    let held_spec = write_spec(dir.path(), &held);
+    let mut a = Worker::start(&held_spec, dir.path().join("worker-a.log"), "pod-a", &[]);
+    // Messages delivered and not acked; 0 until worker A has made the durable.
+    let held_by_a = || {
+        rt.block_on(async {
+            let stream = js(&nats).await.get_stream("IN").await.expect("IN");
+            let consumer: Result<jetstream::consumer::Consumer<pull::Config>, _> =
+                stream.get_consumer("handback").await;
+            match consumer {
+                Ok(mut c) => c.info().await.expect("consumer info").num_ack_pending,
+                Err(_) => 0,
+            }
+        })
+    };
+    let deadline = Instant::now() + STREAM_DEADLINE;
+    while held_by_a() < N as usize {
+        a.assert_running();
+        assert!(Instant::now() < deadline, "worker A never held all {N}:\n{}", a.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = a.terminate();
+    assert!(status.success(), "worker A exited with {status} after SIGTERM:\n{}", a.log_tail());
+    let a_log = a.log_text();
+    let handed_back = a_log.lines().find(|l| l.contains("handed back the messages this worker took")).map(String::from);
+    let handed_back = handed_back.unwrap_or_else(|| panic!("no hand-back:\n{}", a.log_tail()));
+
+    // The same durable, without the window: every message comes out.
+    let mut plain = held.clone();
+    plain["pipeline"] = json!([]);
+    let plain_dir = dir.path().join("b");
+    std::fs::create_dir_all(&plain_dir).expect("dir");
+    let plain_spec = write_spec(&plain_dir, &plain);
+    let mut b = Worker::start(&plain_spec, dir.path().join("worker-b.log"), "pod-b", &[]);
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            b.assert_running();
+            let got = stream_len(&nats, "OUT").await;
+            if got >= N {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker B got {got} of {N} within 60 s: the held messages were not handed back (ackWait is 10 min)\nworker A: {handed_back}\ndurable: {:?}\nworker B:\n{}",
+                js(&nats).await.get_stream("IN").await.expect("IN").get_consumer::<pull::Config>("handback").await.map(|c| c.cached_info().clone()),
+                b.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let records = rt.block_on(read_stream(&nats, "OUT"));
+    let ids = ids(&records);
+    assert_eq!(ids.len() as u64, N, "every id once handed back");
+    eprintln!("hand-back: worker A held {N} in an open window; worker B delivered {} after A's SIGTERM", records.len());
+}

@@ -579,3 +579,58 @@ fn entries_held_by_a_window_longer_than_claim_idle_are_not_claimed_by_another_po
     );
     assert_eq!((counted, again), (N, N), "every entry counted once: none claimed by the other pod while held");
 }
+
+/// A pod stopped while an open window holds its entries (SIGTERM, as a
+/// rollout or a scale-down does) hands them back: claimed to itself as long
+/// idle, so the next pod's first XAUTOCLAIM takes them at once instead of
+/// after claimIdle (10 minutes here, far past the test's deadline).
+#[test]
+fn entries_a_stopping_pod_holds_are_handed_back_at_once() {
+    let redis = Redis::start();
+    const N: u64 = 2_000;
+    produce(&redis, 0..N);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut held = spec(&redis, "handback", Some("10m"));
+    held["pipeline"] =
+        json!([{"window": {"type": "session", "gap": "1h", "keyBy": "msg.key", "aggregate": {"count": {}}}}]);
+    let held_spec = write_spec(dir.path(), &held);
+    let mut a = Worker::start(&held_spec, dir.path().join("worker-a.log"), "pod-a", &[]);
+    let deadline = Instant::now() + STREAM_DEADLINE;
+    // XPENDING before pod A made the group is an error: nothing held yet.
+    let held_by_a = || -> u64 {
+        let reply: redis::RedisResult<redis::streams::StreamPendingReply> = conn(&redis).xpending("in", "handback");
+        reply.map_or(0, |r| r.count() as u64)
+    };
+    while held_by_a() < N {
+        a.assert_running();
+        assert!(Instant::now() < deadline, "pod A never held all {N}:\n{}", a.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = a.terminate();
+    assert!(status.success(), "pod A exited with {status} after SIGTERM:\n{}", a.log_tail());
+    assert!(a.log_text().contains("handed back the entries this worker took"), "no hand-back:\n{}", a.log_tail());
+
+    // Another pod of the group, without the window: it claims them all.
+    let mut plain = held.clone();
+    plain["pipeline"] = json!([]);
+    let plain_dir = dir.path().join("b");
+    std::fs::create_dir_all(&plain_dir).expect("dir");
+    let plain_spec = write_spec(&plain_dir, &plain);
+    let mut b = Worker::start(&plain_spec, dir.path().join("worker-b.log"), "pod-b", &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        b.assert_running();
+        let got = ids(&read_stream(&redis, "out")).len() as u64;
+        if got >= N {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod B has {got} of {N} after 60 s: the held entries were not handed back (claimIdle is 10 min)\n{}",
+            b.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(wait_until_acked(&redis, "handback"), 0, "pod B acknowledged every entry");
+    eprintln!("hand-back: pod A held {N} in an open window; pod B claimed and delivered all of them");
+}

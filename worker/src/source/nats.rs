@@ -6,8 +6,11 @@
 //!   └─ consumer.stream().max_messages_per_batch(max) ──> Message{partition 0, offset = local seq,
 //!                                                          headers, key = Sluice-Key header}
 //! acker: commit(0, next) ──> +ACK every message handed out below `next`, then flush
-//! every ackWait/4: +WPI (in progress) for messages held that long, so the
-//!   ones an open window holds are not redelivered while this worker lives
+//! every ackWait/4 (a task of its own): +WPI (in progress) for messages held
+//!   that long, so the ones an open window holds are not redelivered while
+//!   this worker lives, even while it waits on a slow sink
+//! release (end of the run): -NAK whatever is still held, for another
+//!   consumer now rather than after ackWait
 //! ```
 //!
 //! As for Redis, offsets are a local sequence: redeliveries (after ackWait,
@@ -32,7 +35,7 @@ use async_nats::{
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use sluice_crds::{NatsAuth, NatsSource as NatsSourceSpec, StartFrom};
 
-use super::{Acker, Source, SourceError, SourceEvent};
+use super::{AbortOnDrop, Acker, Source, SourceError, SourceEvent};
 use crate::{
     message::{Message, Payload, now_ms},
     retry::Backoff,
@@ -216,6 +219,49 @@ pub fn log_connection_events(
     })
 }
 
+/// Messages stay unacked while the pipeline holds them (an open window
+/// needs them; acks follow the low-water mark, so later ones wait too),
+/// which can be longer than ackWait. Every `every` (a quarter of ackWait),
+/// each message held at least that long gets an in-progress ack (`+WPI`),
+/// which restarts its ackWait on the server: held messages are not
+/// redelivered to another consumer and counted twice. Its own task, so it
+/// goes on while the source loop waits (a full pool, a sink outage). A
+/// worker that dies stops extending, and its messages come back after
+/// ackWait.
+async fn keep_held(client: async_nats::Client, inflight: InFlight, every: Duration, stream: String) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = tokio::time::Instant::now();
+        let due: Vec<async_nats::Subject> = {
+            let mut inflight = inflight.lock().unwrap_or_else(PoisonError::into_inner);
+            inflight
+                .iter_mut()
+                .filter(|(_, _, since)| now.duration_since(*since) >= every)
+                .filter_map(|(_, m, since)| {
+                    *since = now;
+                    m.reply.clone()
+                })
+                .collect()
+        };
+        if due.is_empty() {
+            continue;
+        }
+        let mut failed = 0usize;
+        for reply in &due {
+            if client.publish(reply.clone(), "+WPI".into()).await.is_err() {
+                failed += 1;
+            }
+        }
+        if failed > 0 || client.flush().await.is_err() {
+            tracing::warn!(%stream, failed, "in-progress acks not sent; held messages may be redelivered after ackWait");
+        } else {
+            tracing::debug!(%stream, count = due.len(), "extended the ack deadline of held messages");
+        }
+    }
+}
+
 fn to_message(m: &jetstream::Message, offset: i64) -> Message {
     let mut headers = Vec::new();
     let mut key = None;
@@ -264,12 +310,9 @@ pub struct NatsSource {
     backoff: Backoff,
     /// For `/readyz`: false while the server does not answer.
     up: Arc<AtomicBool>,
-    /// How often held messages are looked at, and how long one is held
-    /// before it gets an in-progress ack: a quarter of ackWait, so that a
-    /// message handed out just after a pass is extended well before its
-    /// ackWait (whose clock started when the server sent it) runs out.
-    extend_after: Duration,
-    next_extend: tokio::time::Instant,
+    /// Extends the ack deadline of held messages (`keep_held`); stopped
+    /// with the source.
+    _keeper: AbortOnDrop,
 }
 
 impl NatsSource {
@@ -301,7 +344,15 @@ impl NatsSource {
             ..Default::default()
         };
         let inflight: InFlight = Arc::default();
-        let extend_after = config.ack_wait / 4;
+        // A quarter of ackWait, so that a message handed out just after a
+        // pass is extended well before its ackWait (whose clock started when
+        // the server sent it) runs out.
+        let keeper = tokio::spawn(keep_held(
+            client.clone(),
+            inflight.clone(),
+            (config.ack_wait / 4).max(Duration::from_millis(100)),
+            spec.stream.clone(),
+        ));
         let acker = Arc::new(NatsAcker { client, inflight: inflight.clone() });
         tracing::info!(stream = %spec.stream, durable, servers = %spec.servers.join(","), "NATS JetStream consumer configured");
         Ok(Self {
@@ -317,50 +368,8 @@ impl NatsSource {
             acker,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             up,
-            extend_after,
-            next_extend: tokio::time::Instant::now() + extend_after,
+            _keeper: AbortOnDrop(keeper),
         })
-    }
-
-    /// Messages stay unacked while the pipeline holds them (an open window
-    /// needs them; acks follow the low-water mark, so later ones wait too),
-    /// which can be longer than ackWait. Every quarter ackWait, each message
-    /// held at least that long gets an in-progress ack (`+WPI`),
-    /// which restarts its ackWait on the server: held messages are not
-    /// redelivered to another consumer and counted twice. A worker that
-    /// dies stops extending, and its messages come back after ackWait.
-    async fn extend_ack_deadlines(&mut self) {
-        let now = tokio::time::Instant::now();
-        if now < self.next_extend {
-            return;
-        }
-        self.next_extend = now + self.extend_after;
-        let due: Vec<async_nats::Subject> = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-            inflight
-                .iter_mut()
-                .filter(|(_, _, since)| now.duration_since(*since) >= self.extend_after)
-                .filter_map(|(_, m, since)| {
-                    *since = now;
-                    m.reply.clone()
-                })
-                .collect()
-        };
-        if due.is_empty() {
-            return;
-        }
-        let client = self.js.client();
-        let mut failed = 0usize;
-        for reply in &due {
-            if client.publish(reply.clone(), "+WPI".into()).await.is_err() {
-                failed += 1;
-            }
-        }
-        if failed > 0 || client.flush().await.is_err() {
-            tracing::warn!(stream = %self.stream_name, failed, "in-progress acks not sent; held messages may be redelivered after ackWait");
-        } else {
-            tracing::debug!(stream = %self.stream_name, count = due.len(), "extended the ack deadline of held messages");
-        }
     }
 
     /// The durable consumer and its message stream, created on first use
@@ -409,7 +418,6 @@ impl NatsSource {
 
     async fn next_event(&mut self, max: usize) -> Result<SourceEvent, SourceError> {
         loop {
-            self.extend_ack_deadlines().await;
             let first = match self.messages(max).await {
                 Ok(stream) => tokio::time::timeout(IDLE_TICK, stream.next()).await,
                 Err(e) => {
@@ -471,6 +479,48 @@ impl Source for NatsSource {
 
     fn reachability(&self) -> Option<Arc<AtomicBool>> {
         Some(self.up.clone())
+    }
+
+    /// Naks (without delay) every message still held: the acker has acked
+    /// all that was delivered, so these are the ones this worker took and
+    /// will not finish (an open window's, say, on SIGTERM or a rollout).
+    fn release(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Stop pulling first: the server redelivers a nak'd message to
+            // whichever pull request is open, and ours would take it back
+            // to a worker that is leaving (measured: 89 to 500 of 2,000 then
+            // waited out ackWait). What the open pull already brought is
+            // handed back too; dropping the stream unsubscribes, and the
+            // flush puts that before the naks.
+            let mut buffered = Vec::new();
+            if let Some(mut stream) = self.messages.take() {
+                while let Some(Some(Ok(m))) = stream.next().now_or_never() {
+                    buffered.push(m);
+                }
+            }
+            self.consumer = None;
+            let _ = self.js.client().flush().await;
+            let held: Vec<jetstream::Message> = {
+                let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+                inflight.drain(..).map(|(_, m, _)| m).chain(buffered).collect()
+            };
+            if held.is_empty() {
+                return;
+            }
+            let mut failed = 0usize;
+            for m in &held {
+                if m.ack_with(jetstream::AckKind::Nak(None)).await.is_err() {
+                    failed += 1;
+                }
+            }
+            if failed > 0 || self.js.client().flush().await.is_err() {
+                tracing::warn!(stream = %self.stream_name, count = held.len(), failed,
+                    "could not hand back every unfinished message; the server redelivers the rest after ackWait");
+            } else {
+                tracing::info!(stream = %self.stream_name, count = held.len(),
+                    "handed back the messages this worker took and did not finish (nak): another consumer gets them now, not after ackWait");
+            }
+        })
     }
 }
 

@@ -4,11 +4,14 @@
 //! start: XGROUP CREATE (MKSTREAM; `$` for latest, `0` for earliest)
 //!        XREADGROUP ... STREAMS s 0    our own pending entries first (a restarted pod)
 //! loop:  XAUTOCLAIM every claimIdle/2  entries idle past claimIdle (a dead pod's)
-//!        XCLAIM ... JUSTID every claimIdle/4  our own entries held that long (an
-//!                                       open window's), so no other pod takes them
 //!        XREADGROUP COUNT max BLOCK 1s STREAMS s >
 //!   each entry ──> Message{partition 0, offset = local sequence, key, payload, headers}
 //! acker: commit(0, next) ──> XACK every entry handed out below `next`
+//! every claimIdle/4 (a task of its own): XCLAIM ... JUSTID our own entries
+//!   held that long (an open window's), so no other pod takes them, even
+//!   while this worker waits on a slow sink
+//! release (end of the run): XCLAIM ... IDLE <long> JUSTID what is still
+//!   held, so another pod's next XAUTOCLAIM takes it instead of after claimIdle
 //! ```
 //!
 //! Offsets are a local sequence rather than the stream ids: claimed entries
@@ -33,7 +36,7 @@ use redis::{Client, IntoConnectionInfo, Value, aio::ConnectionManager, aio::Conn
 use sluice_crds::{RedisSource as RedisSourceSpec, StartFrom};
 use tokio::time::Instant;
 
-use super::{Acker, Source, SourceError, SourceEvent};
+use super::{AbortOnDrop, Acker, Source, SourceError, SourceEvent};
 use crate::{
     message::{Message, Payload, now_ms},
     retry::Backoff,
@@ -202,6 +205,67 @@ fn to_message(id: String, fields: Vec<(String, Vec<u8>)>, offset: i64) -> Messag
     Message { key, payload, headers, partition: 0, offset, timestamp }
 }
 
+/// Whose held entries `keep_held` and `release` claim.
+struct Held {
+    stream: String,
+    group: String,
+    consumer: String,
+}
+
+impl Held {
+    /// XCLAIM of our own `ids` to ourselves, JUSTID (the delivery count
+    /// stays), with `idle` as their idle time (0: now).
+    async fn claim(&self, conn: &mut ConnectionManager, ids: &[String], idle: Duration) -> redis::RedisResult<()> {
+        for ids in ids.chunks(1000) {
+            let mut cmd = redis::cmd("XCLAIM");
+            cmd.arg(&self.stream).arg(&self.group).arg(&self.consumer).arg(0).arg(ids);
+            cmd.arg("IDLE").arg(idle.as_millis() as u64).arg("JUSTID");
+            let _: Value = cmd.query_async(conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Entries stay pending while the pipeline holds them (an open window
+/// needs them; XACKs follow the low-water mark, so later ones wait too),
+/// which can be longer than `claimIdle`, after which another pod's
+/// XAUTOCLAIM would take them and count them twice. Every quarter
+/// `claimIdle`, the entries this worker has held that long are claimed
+/// again by itself (XCLAIM ... JUSTID, which resets their idle time and
+/// not their delivery count). Its own task, so it goes on while the source
+/// loop waits (a full pool, a sink outage). A worker that dies stops, and
+/// its entries go to another pod after `claimIdle`.
+async fn keep_held(mut conn: ConnectionManager, held: Held, inflight: InFlight, idle: Duration) {
+    // A quarter: an entry read just after a pass is still re-claimed well
+    // before claimIdle.
+    let every = (idle / 4).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let due: Vec<String> = {
+            let mut inflight = inflight.lock().unwrap_or_else(PoisonError::into_inner);
+            inflight
+                .iter_mut()
+                .filter(|(_, _, since)| now.duration_since(*since) >= every)
+                .map(|(_, id, since)| {
+                    *since = now;
+                    id.clone()
+                })
+                .collect()
+        };
+        if due.is_empty() {
+            continue;
+        }
+        match held.claim(&mut conn, &due, Duration::ZERO).await {
+            Ok(()) => tracing::debug!(stream = %held.stream, count = due.len(), "reset the idle time of held entries"),
+            Err(e) => tracing::warn!(stream = %held.stream, error = %e,
+                "cannot reset the idle time of held entries; another pod may claim them after claimIdle"),
+        }
+    }
+}
+
 /// Handed-out entries, in sequence order, until XACKed.
 type InFlight = Arc<Mutex<VecDeque<(i64, String, Instant)>>>;
 
@@ -225,6 +289,8 @@ pub struct RedisSource {
     backoff: Backoff,
     /// For `/readyz`: false after a failed read until one succeeds.
     up: Arc<AtomicBool>,
+    /// Resets the idle time of held entries (`keep_held`); stopped with the source.
+    _keeper: Option<AbortOnDrop>,
 }
 
 impl RedisSource {
@@ -239,6 +305,16 @@ impl RedisSource {
         let conn = connect_now(client.clone(), BLOCK + Duration::from_secs(5))?;
         let ack_conn = connect_now(client, Duration::from_secs(5))?;
         let inflight: InFlight = Arc::default();
+        let claim_idle = spec.claim_idle.as_ref().map(|d| d.as_std());
+        let keeper = match (claim_idle, tokio::runtime::Handle::try_current()) {
+            (Some(idle), Ok(runtime)) => Some(AbortOnDrop(runtime.spawn(keep_held(
+                conn.clone(),
+                Held { stream: spec.stream.clone(), group: group.to_string(), consumer: consumer.to_string() },
+                inflight.clone(),
+                idle,
+            )))),
+            _ => None,
+        };
         let acker = Arc::new(RedisAcker {
             conn: ack_conn,
             stream: spec.stream.clone(),
@@ -253,7 +329,7 @@ impl RedisSource {
             group: group.to_string(),
             consumer: consumer.to_string(),
             start_from: spec.start_from,
-            claim_idle: spec.claim_idle.as_ref().map(|d| d.as_std()),
+            claim_idle,
             next_claim: Instant::now(),
             claim_cursor: "0-0".into(),
             own_pending: Some("0-0".into()),
@@ -263,6 +339,7 @@ impl RedisSource {
             acker,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             up: Arc::new(AtomicBool::new(true)),
+            _keeper: keeper,
         })
     }
 
@@ -335,7 +412,6 @@ impl RedisSource {
                 }
             }
         }
-        self.keep_held_entries().await?;
         if let Some(idle) = self.claim_idle
             && Instant::now() >= self.next_claim
         {
@@ -384,42 +460,6 @@ impl RedisSource {
             .await?;
         let entries = read_reply(&reply);
         Ok((!entries.is_empty()).then(|| self.batch(entries)))
-    }
-
-    /// Entries stay pending while the pipeline holds them (an open window
-    /// needs them; XACKs follow the low-water mark, so later ones wait too),
-    /// which can be longer than `claimIdle`, after which another pod's
-    /// XAUTOCLAIM would take them and count them twice. Every quarter
-    /// `claimIdle`, the entries this worker has held that long are claimed
-    /// again by itself (XCLAIM ... JUSTID, which resets their idle time and
-    /// not their delivery count). A worker that dies stops, and its entries
-    /// go to another pod after `claimIdle`.
-    async fn keep_held_entries(&mut self) -> Result<(), redis::RedisError> {
-        let Some(idle) = self.claim_idle else { return Ok(()) };
-        // A quarter: an entry read just after a pass is still re-claimed
-        // well before claimIdle.
-        let every = (idle / 4).max(Duration::from_millis(100));
-        let now = Instant::now();
-        let due: Vec<String> = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-            inflight
-                .iter_mut()
-                .filter(|(_, _, since)| now.duration_since(*since) >= every)
-                .map(|(_, id, since)| {
-                    *since = now;
-                    id.clone()
-                })
-                .collect()
-        };
-        for ids in due.chunks(1000) {
-            let mut cmd = redis::cmd("XCLAIM");
-            cmd.arg(&self.stream).arg(&self.group).arg(&self.consumer).arg(0).arg(ids).arg("JUSTID");
-            let _: Value = cmd.query_async(&mut self.conn).await?;
-        }
-        if !due.is_empty() {
-            tracing::debug!(stream = %self.stream, count = due.len(), "reset the idle time of held entries");
-        }
-        Ok(())
     }
 
     async fn next_event(&mut self, max: usize) -> Result<SourceEvent, SourceError> {
@@ -505,6 +545,30 @@ impl Source for RedisSource {
 
     fn reachability(&self) -> Option<Arc<AtomicBool>> {
         Some(self.up.clone())
+    }
+
+    /// What is still held was not finished (the acker has XACKed all that
+    /// was delivered): claimed to ourselves as idle for a long time, so the
+    /// next XAUTOCLAIM of another pod (every claimIdle/2) takes it instead
+    /// of waiting claimIdle.
+    fn release(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let held: Vec<String> = {
+                let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+                inflight.drain(..).map(|(_, id, _)| id).collect()
+            };
+            let Some(idle) = self.claim_idle.filter(|_| !held.is_empty()) else { return };
+            let owner =
+                Held { stream: self.stream.clone(), group: self.group.clone(), consumer: self.consumer.clone() };
+            // Well past any claimIdle: a day, and at least claimIdle twice over.
+            let long = (idle * 2).max(Duration::from_secs(86_400));
+            match owner.claim(&mut self.conn, &held, long).await {
+                Ok(()) => tracing::info!(stream = %self.stream, count = held.len(),
+                    "handed back the entries this worker took and did not finish: another pod's next XAUTOCLAIM takes them"),
+                Err(e) => tracing::warn!(stream = %self.stream, count = held.len(), error = %e,
+                    "could not hand back the unfinished entries; another pod claims them after claimIdle"),
+            }
+        })
     }
 }
 
