@@ -336,16 +336,33 @@ impl KafkaDeadLetters {
     /// show for it (compaction, transaction markers) are done too.
     fn close_passed(&mut self) {
         let Ok(positions) = self.consumer.position() else { return };
-        for e in positions.elements_for_topic(&self.topic) {
-            if let Offset::Offset(o) = e.offset()
-                && self.end.get(&e.partition()).is_some_and(|end| o >= *end)
-            {
-                self.open.remove(&e.partition());
-                let next = self.next.entry(e.partition()).or_insert(o);
-                *next = (*next).max(o);
-            }
+        let positions: Vec<(i32, i64)> = positions
+            .elements_for_topic(&self.topic)
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect();
+        for (p, end) in passed_ends(&self.open, &self.end, &positions) {
+            self.open.remove(&p);
+            let next = self.next.entry(p).or_insert(end);
+            *next = (*next).max(end);
         }
     }
+}
+
+/// Open partitions whose fetch position passed their end, each with what
+/// to commit for it: the end, never the position. A closed partition stays
+/// assigned and its reads go on past the end (records dead-lettered since
+/// the redrive started, read and dropped here): committing that position
+/// would skip them for the next redrive.
+fn passed_ends(open: &BTreeSet<i32>, end: &BTreeMap<i32, i64>, positions: &[(i32, i64)]) -> Vec<(i32, i64)> {
+    positions
+        .iter()
+        .filter(|(p, _)| open.contains(p))
+        .filter_map(|(p, o)| end.get(p).filter(|e| o >= *e).map(|e| (*p, *e)))
+        .collect()
 }
 
 impl DeadLetterReader for KafkaDeadLetters {
@@ -1029,6 +1046,18 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partition_past_its_end_is_committed_at_its_end_and_only_while_open() {
+        let end = BTreeMap::from([(0, 100), (1, 50), (2, 70)]);
+        let open = BTreeSet::from([0, 2]);
+        // 0: open, passed its end (a transaction marker at 100): done at 100.
+        // 1: closed earlier, its reads went on past the end over records
+        //    dead-lettered since: not touched, so they stay for the next redrive.
+        // 2: open, short of its end: still open.
+        let positions = [(0, 101), (1, 64), (2, 69)];
+        assert_eq!(passed_ends(&open, &end, &positions), vec![(0, 100)]);
+    }
 
     #[test]
     fn a_redriven_record_keeps_its_own_headers_and_names_the_redrive() {
