@@ -90,7 +90,9 @@ pub async fn start_cluster() -> E2eCluster {
 /// What [`diagnose`] and [`chart_operator_client`] need of a cluster.
 pub trait Inspect {
     fn kubectl(&self) -> std::process::Command;
-    fn audit(&self) -> Option<Vec<sluice_dev::audit::AuditRecord>>;
+    /// The audit log's records: None where there is none to read (another
+    /// cluster's is not ours), an error where ours cannot be read.
+    fn audit(&self) -> Option<Result<Vec<sluice_dev::audit::AuditRecord>, String>>;
     fn kubeconfig_path(&self) -> PathBuf;
 }
 
@@ -101,8 +103,8 @@ impl Inspect for Cluster {
     fn kubeconfig_path(&self) -> PathBuf {
         Cluster::kubeconfig_path(self)
     }
-    fn audit(&self) -> Option<Vec<sluice_dev::audit::AuditRecord>> {
-        self.audit_records().ok()
+    fn audit(&self) -> Option<Result<Vec<sluice_dev::audit::AuditRecord>, String>> {
+        Some(self.audit_records().map_err(|e| e.to_string()))
     }
 }
 
@@ -113,8 +115,8 @@ impl Inspect for E2eCluster {
     fn kubeconfig_path(&self) -> PathBuf {
         E2eCluster::kubeconfig_path(self)
     }
-    fn audit(&self) -> Option<Vec<sluice_dev::audit::AuditRecord>> {
-        self.audit_records()
+    fn audit(&self) -> Option<Result<Vec<sluice_dev::audit::AuditRecord>, String>> {
+        self.local().and_then(Inspect::audit)
     }
 }
 
@@ -195,6 +197,12 @@ pub async fn chart_operator_client(cluster: &(impl Inspect + ?Sized), admin: &Cl
 /// server refused (a local cluster: its audit log; elsewhere nothing to read).
 pub fn assert_operator_never_denied(cluster: &(impl Inspect + ?Sized)) {
     if let Some(records) = cluster.audit() {
+        let records = records.unwrap_or_else(|e| panic!("cannot read the local cluster's audit log: {e}"));
+        // Not vacuous: the log holds the operator's requests.
+        assert!(
+            records.iter().any(|r| r.user == OPERATOR_USER),
+            "the audit log has no request of {OPERATOR_USER}: the check below would prove nothing"
+        );
         let denied: Vec<_> = records.iter().filter(|r| r.user == OPERATOR_USER && r.code == 403).collect();
         assert!(denied.is_empty(), "the chart's RBAC denied the operator: {denied:#?}");
     }
@@ -291,7 +299,7 @@ pub fn diagnose(cluster: &(impl Inspect + ?Sized)) -> String {
             Err(e) => out.push_str(&format!("\nkubectl {args:?}: {e}")),
         }
     }
-    if let Some(records) = cluster.audit() {
+    if let Some(Ok(records)) = cluster.audit() {
         let denied: Vec<String> = records.iter().filter(|r| r.code == 403).map(|r| format!("{r:?}")).take(20).collect();
         out.push_str(&format!("\n403s in the audit log: {denied:#?}\n"));
     }
