@@ -5,10 +5,14 @@
 //! SLUICE_LEASE_NAME set (the operator sets it on every worker pod)
 //!   kube-lease-manager: acquire, renew, release ──watch::Receiver<bool>──┐
 //!   leading ─> start the singleton tasks (a child CancellationToken)   <┘
-//!   lost / shutdown ─> cancel them and wait until they have stopped;
-//!                      the manager renews until `grace` before expiry and
-//!                      reports the loss then, so they stop before the
-//!                      Lease can go to another pod
+//!   lost / shutdown ─> cancel them and wait until they have stopped
+//!   no renewal seen ─> the same, SAFETY before the Lease could expire
+//!                      (renewTime + duration): the leader reads its Lease
+//!                      every OBSERVE and runs the tasks only while a
+//!                      renewal of its own is in sight, so a leader cut off
+//!                      from the API server stops them before another pod
+//!                      can take the Lease (the manager itself only logs
+//!                      failed renewals and goes on reporting "leading")
 //! SLUICE_LEASE_NAME unset (a local run: one process): the tasks just run
 //! ```
 //!
@@ -26,8 +30,13 @@
 //!   done on this Lease (annotation `sluice.io/redrive-done`). Without a
 //!   Lease there is nowhere to record it, so a local run does not redrive.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
 use kube_lease_manager::LeaseManagerBuilder;
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
@@ -36,19 +45,25 @@ use rdkafka::{
     types::RDKafkaErrorCode,
 };
 use sluice_crds::{KafkaAuth, StreamProcessorSpec};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     janitor,
     metrics::Metrics,
     redrive::{self, LeaseLedger, RedriveLedger},
-    source::kafka::client_config,
+    source::{AbortOnDrop, kafka::client_config},
 };
 
-/// Lease timing: held for `DURATION`, renewed well before it runs out, and
-/// reported lost `GRACE` before expiry so that the tasks stop in time.
+/// Lease timing: held for `DURATION`, renewed `GRACE` before it runs out.
 const DURATION: u64 = 15;
-const GRACE: u64 = 5;
+const GRACE: u64 = 7;
+/// The tasks stop this long before the Lease could expire unless a later
+/// renewal has been seen: time for them to stop before another pod may take
+/// the Lease. A renewal has GRACE - SAFETY (4 s) to succeed and be seen.
+const SAFETY: Duration = Duration::from_secs(3);
+/// How often a leader reads its Lease to see its own renewals.
+const OBSERVE: Duration = Duration::from_secs(1);
 /// How often a leader looks at what it provisioned again.
 const RECHECK: Duration = Duration::from_secs(60);
 
@@ -112,6 +127,7 @@ async fn lead(lease: &LeaseConfig, processor: &Processor, shutdown: &Cancellatio
     let metrics = &processor.metrics;
     let client = kube::Client::try_default().await.map_err(|e| format!("no Kubernetes API client: {e}"))?;
     let ledger: Arc<dyn RedriveLedger> = Arc::new(LeaseLedger::new(client.clone(), &lease.namespace, &lease.name));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
     let manager = LeaseManagerBuilder::new(client, &lease.name)
         .with_namespace(&lease.namespace)
         .with_identity(&lease.identity)
@@ -121,19 +137,33 @@ async fn lead(lease: &LeaseConfig, processor: &Processor, shutdown: &Cancellatio
         .await
         .map_err(|e| format!("Lease {}/{}: {e}", lease.namespace, lease.name))?;
     let (mut leading, lease_task) = manager.watch().await;
+    let (until_tx, until) = watch::channel(None);
+    // Stopped with the rest of `lead` (aborted on drop), never left behind.
+    let observer = AbortOnDrop(tokio::spawn(observe_lease(leases, lease.clone(), leading.clone(), until_tx)));
     loop {
         tokio::select! {
             r = leading.wait_for(|l| *l) => if r.is_err() { return Err("the Lease task ended".into()) },
+            _ = shutdown.cancelled() => break,
+        }
+        // The manager's word, and a renewal of ours in sight that has not run out.
+        let (mut seen, mut lost) = (until.clone(), leading.clone());
+        tokio::select! {
+            r = seen.wait_for(still_held) => if r.is_err() { return Err("the Lease observer ended".into()) },
+            _ = lost.wait_for(|l| !*l) => continue,
             _ = shutdown.cancelled() => break,
         }
         tracing::info!(lease = %lease.name, identity = %lease.identity, "holding the Lease: singleton tasks started");
         metrics.leader.set(1);
         let stop = shutdown.child_token();
         let tasks = singleton_tasks(processor, Some(ledger.clone()), stop.clone());
-        let mut lost = leading.clone();
         tokio::select! {
             () = tasks => {}
             _ = lost.wait_for(|l| !*l) => {
+                stop.cancel();
+            }
+            () = runs_out(until.clone()) => {
+                tracing::warn!(lease = %lease.name, identity = %lease.identity, safety = ?SAFETY,
+                    "no renewal of the Lease seen (is the API server reachable?): stopping the singleton tasks before it can expire; they start again when a renewal is seen");
                 stop.cancel();
             }
         }
@@ -144,6 +174,7 @@ async fn lead(lease: &LeaseConfig, processor: &Processor, shutdown: &Cancellatio
             break;
         }
     }
+    drop(observer);
     // Dropping the receiver makes the manager release the Lease: another
     // pod takes over at once instead of after the lease duration.
     drop(leading);
@@ -153,6 +184,61 @@ async fn lead(lease: &LeaseConfig, processor: &Processor, shutdown: &Cancellatio
         _ => tracing::warn!(lease = %lease.name, "the Lease task did not stop in time"),
     }
     Ok(())
+}
+
+/// Until when `identity` may run singleton tasks, by its Lease as read:
+/// while it is the holder, renewTime + leaseDuration - SAFETY. The holder
+/// wrote renewTime with its own clock (kube-lease-manager renews with the
+/// local time), and another pod may take the Lease once its clock passes
+/// renewTime + leaseDuration: the usual Lease assumption of clocks in step.
+pub fn hold_until(lease: &Lease, identity: &str) -> Option<SystemTime> {
+    let spec = lease.spec.as_ref()?;
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return None;
+    }
+    let renewed: SystemTime = spec.renew_time.as_ref()?.0.into();
+    let duration = Duration::from_secs(u64::try_from(spec.lease_duration_seconds?).ok()?);
+    (renewed + duration).checked_sub(SAFETY)
+}
+
+fn still_held(until: &Option<SystemTime>) -> bool {
+    until.is_some_and(|t| SystemTime::now() < t)
+}
+
+/// Returns once `until` has passed with no later renewal seen.
+async fn runs_out(mut until: watch::Receiver<Option<SystemTime>>) {
+    loop {
+        let left = until.borrow_and_update().and_then(|t| t.duration_since(SystemTime::now()).ok());
+        let Some(left) = left else { return };
+        tokio::select! {
+            () = tokio::time::sleep(left) => {}
+            r = until.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// While the manager says this worker leads, reads the Lease every
+/// OBSERVE and publishes `hold_until`. A read that fails or takes too long
+/// publishes nothing: the last deadline stands and runs out.
+async fn observe_lease(
+    leases: Api<Lease>,
+    lease: LeaseConfig,
+    mut leading: watch::Receiver<bool>,
+    until: watch::Sender<Option<SystemTime>>,
+) {
+    loop {
+        if leading.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        match tokio::time::timeout(OBSERVE * 2, leases.get_opt(&lease.name)).await {
+            Ok(Ok(read)) => {
+                until.send_replace(read.as_ref().and_then(|l| hold_until(l, &lease.identity)));
+            }
+            Ok(Err(e)) => tracing::debug!(lease = %lease.name, error = %e, "cannot read the Lease"),
+            Err(_) => tracing::debug!(lease = %lease.name, "reading the Lease timed out"),
+        }
+        tokio::time::sleep(OBSERVE).await;
+    }
 }
 
 /// Every singleton task, until `stop`. `ledger`: where a redrive is
@@ -286,6 +372,54 @@ mod tests {
 
     fn spec(v: serde_json::Value) -> StreamProcessorSpec {
         serde_json::from_value(v).expect("spec")
+    }
+
+    fn lease(holder: Option<&str>, renewed: Option<SystemTime>, seconds: Option<i32>) -> Lease {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p-leader"},
+            "spec": {
+                "holderIdentity": holder,
+                "renewTime": renewed.map(|t| k8s_openapi::jiff::Timestamp::try_from(t).expect("timestamp").to_string()),
+                "leaseDurationSeconds": seconds,
+            }
+        }))
+        .expect("lease")
+    }
+
+    #[test]
+    fn the_holder_may_run_tasks_until_safety_before_its_lease_expires() {
+        let renewed = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let until = hold_until(&lease(Some("pod-a"), Some(renewed), Some(15)), "pod-a");
+        assert_eq!(until, Some(renewed + Duration::from_secs(15) - SAFETY));
+        // Not the holder, or nothing to go by: not held.
+        assert_eq!(hold_until(&lease(Some("pod-b"), Some(renewed), Some(15)), "pod-a"), None);
+        assert_eq!(hold_until(&lease(None, Some(renewed), Some(15)), "pod-a"), None);
+        assert_eq!(hold_until(&lease(Some("pod-a"), None, Some(15)), "pod-a"), None);
+        assert_eq!(hold_until(&lease(Some("pod-a"), Some(renewed), None), "pod-a"), None);
+        assert!(!still_held(&until), "a renewal of 2023 has long run out");
+        assert!(still_held(&Some(SystemTime::now() + Duration::from_secs(60))));
+        assert!(!still_held(&None));
+    }
+
+    #[tokio::test]
+    async fn the_tasks_run_out_when_no_renewal_is_seen_and_not_while_renewals_come() {
+        let (tx, rx) = watch::channel(Some(SystemTime::now() - Duration::from_millis(1)));
+        tokio::time::timeout(Duration::from_secs(5), runs_out(rx.clone())).await.expect("ran out at once");
+        tx.send_replace(Some(SystemTime::now() + Duration::from_millis(300)));
+        let out = tokio::spawn(runs_out(rx));
+        // Renewals keep moving the deadline on: it does not run out meanwhile.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.send_replace(Some(SystemTime::now() + Duration::from_millis(300)));
+        }
+        assert!(!out.is_finished(), "ran out although renewals kept coming");
+        // Then none: it runs out by itself.
+        tokio::time::timeout(Duration::from_secs(5), out).await.expect("ran out").expect("task");
+        // And a lost Lease (None) runs out at once.
+        let (tx, rx) = watch::channel(Some(SystemTime::now() + Duration::from_secs(60)));
+        let out = tokio::spawn(runs_out(rx));
+        tx.send_replace(None);
+        tokio::time::timeout(Duration::from_secs(5), out).await.expect("ran out").expect("task");
     }
 
     #[test]
