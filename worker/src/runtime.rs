@@ -302,12 +302,19 @@ async fn sink_stage(
     let mut results = Vec::new();
     let mut dead = Vec::new();
     let mut finished = Vec::new();
-    let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut commits = Commits::new(acker.clone());
     let mut recommits_left = 0;
     loop {
-        let mut batch = match tokio::time::timeout(RECOMMIT_IDLE, rx.recv()).await {
+        // Positions gathered for the commit interval are committed when it
+        // ends, whether more input comes or not.
+        let wait = commits.due_in().unwrap_or(RECOMMIT_IDLE);
+        let mut batch = match tokio::time::timeout(wait, rx.recv()).await {
             Ok(Some(batch)) => batch,
             Ok(None) => break,
+            Err(_) if commits.due_in().is_some() => {
+                commits.commit(&tracker, &metrics, &mut summary).await;
+                continue;
+            }
             Err(_idle) => {
                 // Kafka's commits are asynchronous: one lost to a rebalance
                 // in progress is only reported to the log, and with no
@@ -398,37 +405,84 @@ async fn sink_stage(
         }
         // Delivered (or dead-lettered): now, and only now, finished. Open
         // windows hold their offsets back until their results are delivered.
-        let mut touched: Vec<i32> = batch.holds.iter().map(|(p, _)| *p).collect();
-        let commits: Vec<(i32, i64)> = {
+        {
             let mut t = tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            commits.touch(batch.holds.iter().map(|(p, _)| *p));
             for (p, hold) in batch.holds {
                 t.hold(p, hold);
             }
             for a in finished.drain(..) {
                 t.finish(a.partition, a.offset);
             }
-            touched.extend(t.take_commits().into_iter().map(|(p, _)| p));
-            touched.sort_unstable();
-            touched.dedup();
-            touched
+            commits.touch(t.take_commits().into_iter().map(|(p, _)| p));
+        }
+        if commits.due_in() == Some(Duration::ZERO) {
+            commits.commit(&tracker, &metrics, &mut summary).await;
+        }
+    }
+    // The end of the run: whatever the interval still gathers.
+    commits.commit(&tracker, &metrics, &mut summary).await;
+    Ok(summary)
+}
+
+/// The sink stage's commits: which partitions' positions may have moved
+/// since the last one, what was committed, and when (for the acker's
+/// `commit_interval`).
+struct Commits {
+    acker: Arc<dyn Acker>,
+    interval: Duration,
+    touched: std::collections::BTreeSet<i32>,
+    committed: BTreeMap<i32, i64>,
+    last: tokio::time::Instant,
+}
+
+impl Commits {
+    fn new(acker: Arc<dyn Acker>) -> Self {
+        let interval = acker.commit_interval();
+        Commits {
+            acker,
+            interval,
+            touched: Default::default(),
+            committed: BTreeMap::new(),
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    fn touch(&mut self, partitions: impl IntoIterator<Item = i32>) {
+        self.touched.extend(partitions);
+    }
+
+    /// How long until touched positions are due for a commit (zero: now);
+    /// None when nothing was touched.
+    fn due_in(&self) -> Option<Duration> {
+        (!self.touched.is_empty()).then(|| self.interval.saturating_sub(self.last.elapsed()))
+    }
+
+    /// Commits the touched partitions' safe points that moved past what
+    /// was committed.
+    async fn commit(&mut self, tracker: &Mutex<OffsetTracker>, metrics: &Metrics, summary: &mut Summary) {
+        let points: Vec<(i32, i64)> = {
+            let t = tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::take(&mut self.touched)
                 .into_iter()
                 .filter_map(|p| {
                     let point = t.safe_point(p)?;
-                    (committed.get(&p).is_none_or(|c| point > *c)).then_some((p, point))
+                    (self.committed.get(&p).is_none_or(|c| point > *c)).then_some((p, point))
                 })
                 .collect()
         };
-        if !commits.is_empty() {
-            match acker.commit(&commits).await {
-                Ok(()) => {
-                    metrics.commits.inc();
-                    committed.extend(commits.iter().copied());
-                    summary.committed.extend(commits);
-                }
-                // Positions only grow: the next commit carries these forward.
-                Err(e) => tracing::warn!(error = %e, "commit failed; the next commit will carry these positions"),
+        self.last = tokio::time::Instant::now();
+        if points.is_empty() {
+            return;
+        }
+        match self.acker.commit(&points).await {
+            Ok(()) => {
+                metrics.commits.inc();
+                self.committed.extend(points.iter().copied());
+                summary.committed.extend(points);
             }
+            // Positions only grow: the next commit carries these forward.
+            Err(e) => tracing::warn!(error = %e, "commit failed; the next commit will carry these positions"),
         }
     }
-    Ok(summary)
 }

@@ -460,7 +460,14 @@ fn exactly_once_kill_9_mid_transaction_read_committed_sees_each_input_once() {
 /// is busy and takes some of A's partitions, then A leaves by SIGTERM and B
 /// takes the rest. Each revocation commits the open transaction before its
 /// partitions move, so a read_committed consumer sees every input exactly
-/// once, and neither worker dies on the way.
+/// once, and the group's offsets end where the outputs do.
+///
+/// A commit that meets the group's generation changing under it
+/// (ILLEGAL_GENERATION) aborts the transaction, and the worker exits to
+/// resume from the committed offsets; its Deployment starts it again. The
+/// test does what the Deployment does (same pod name, so the same
+/// transactional.id, which fences) and counts those restarts; any other
+/// exit fails it.
 #[test]
 fn exactly_once_across_live_rebalances_read_committed_sees_each_input_once() {
     let kafka = Kafka::start();
@@ -473,23 +480,48 @@ fn exactly_once_across_live_rebalances_read_committed_sees_each_input_once() {
     s["delivery"] = json!("exactlyOnce");
     let spec = write_spec(dir.path(), &s);
     let all = inputs(N);
+    let log = |pod: &str| dir.path().join(format!("{pod}.log"));
+    let restarts = std::cell::Cell::new(0);
+    // As a Deployment: start again a worker that exited on an aborted transaction.
+    let keep_running = |w: &mut Worker, pod: &str| {
+        if let Ok(Some(status)) = w.child.try_wait() {
+            let text = w.log_text();
+            assert!(
+                text.lines().last().is_some_and(|l| l.contains("worker failed"))
+                    && text.contains("exactly-once transaction aborted"),
+                "{pod} exited with {status}, not on an aborted transaction:\n{}",
+                w.log_tail()
+            );
+            eprintln!("{pod} exited on an aborted transaction; started again, as its Deployment would");
+            restarts.set(restarts.get() + 1);
+            *w = Worker::start_as(&spec, log(pod), pod);
+        }
+    };
     std::thread::scope(|scope| {
         let producer = scope.spawn(|| {
             for chunk in all.chunks(5_000) {
                 kafka.produce("in", chunk.iter().cloned()).expect("produce");
             }
         });
-        let mut a = Worker::start_as(&spec, dir.path().join("worker-a.log"), "worker-a");
+        let mut a = Worker::start_as(&spec, log("worker-a"), "worker-a");
         wait_for_ids_in(&kafka, "out", "read_committed", 10_000, &mut a);
-        let mut b = Worker::start_as(&spec, dir.path().join("worker-b.log"), "worker-b");
+        let mut b = Worker::start_as(&spec, log("worker-b"), "worker-b");
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while !b.log_text().contains("partitions assigned") {
-            b.assert_running();
+            keep_running(&mut a, "worker-a");
+            keep_running(&mut b, "worker-b");
             assert!(std::time::Instant::now() < deadline, "worker B never got partitions from A:\n{}", b.log_tail());
             std::thread::sleep(Duration::from_millis(200));
         }
-        wait_for_ids_in(&kafka, "out", "read_committed", 30_000, &mut b);
-        a.assert_running();
+        let deadline = std::time::Instant::now() + STREAM_DEADLINE;
+        while ids(&kafka.read_topic("out", "read_committed", Duration::from_secs(2), |_| false).expect("read")).len()
+            < 30_000
+        {
+            keep_running(&mut a, "worker-a");
+            keep_running(&mut b, "worker-b");
+            assert!(std::time::Instant::now() < deadline, "30,000 ids never came out:\n{}", b.log_tail());
+        }
+        keep_running(&mut a, "worker-a");
         let status = a.terminate();
         assert!(status.success(), "worker A exited with {status} after SIGTERM; its log:\n{}", a.log_tail());
         let a_log = a.log_text();
@@ -502,16 +534,23 @@ fn exactly_once_across_live_rebalances_read_committed_sees_each_input_once() {
             "worker A let partitions go without settling its transaction:\n{}",
             a.log_tail()
         );
-        wait_for_ids_in(&kafka, "out", "read_committed", N as usize, &mut b);
+        let deadline = std::time::Instant::now() + STREAM_DEADLINE;
+        while ids(&kafka.read_topic("out", "read_committed", Duration::from_secs(2), |_| false).expect("read")).len()
+            < N as usize
+        {
+            keep_running(&mut b, "worker-b");
+            assert!(std::time::Instant::now() < deadline, "not every id came out:\n{}", b.log_tail());
+        }
         producer.join().expect("producer thread");
-        b.assert_running();
-        // The whole topic, not just up to the last new id: a duplicate can come after it.
+        keep_running(&mut b, "worker-b");
+        // The whole topic: a duplicate can come after the last new id.
         let committed =
             kafka.read_topic("out", "read_committed", Duration::from_secs(5), |_| false).expect("read committed");
         let duplicates = check_output(&committed, N);
         eprintln!(
-            "exactly-once across two rebalances: read_committed sees {} records for {N} inputs ({duplicates} duplicates)",
-            committed.len()
+            "exactly-once across two rebalances: read_committed sees {} records for {N} inputs ({duplicates} duplicates); {} restarts on an aborted transaction",
+            committed.len(),
+            restarts.get()
         );
         assert_eq!(duplicates, 0, "read_committed sees every input exactly once");
         assert_eq!(committed.len() as u64, N);

@@ -514,3 +514,103 @@ async fn records_the_sink_refuses_are_dead_lettered_after_max_retries_and_nothin
     let text = metrics.render();
     assert!(text.contains("sluice_messages_dead_lettered_total{reason=\"sink_rejected\"} 4"), "{text}");
 }
+
+/// An acker that asks for commits at most every `interval` (as the
+/// exactly-once acker does) and records when each came.
+struct SpacedAcker {
+    interval: Duration,
+    commits: std::sync::Mutex<Vec<(tokio::time::Instant, Vec<(i32, i64)>)>>,
+}
+
+impl sluice_worker::source::Acker for SpacedAcker {
+    fn commit<'a>(
+        &'a self,
+        positions: &'a [(i32, i64)],
+    ) -> futures::future::BoxFuture<'a, Result<(), sluice_worker::source::SourceError>> {
+        Box::pin(async move {
+            self.commits.lock().unwrap().push((tokio::time::Instant::now(), positions.to_vec()));
+            Ok(())
+        })
+    }
+
+    fn commit_interval(&self) -> Duration {
+        self.interval
+    }
+}
+
+/// A script, then nothing new (a live source gone quiet).
+struct QuietAfter {
+    events: std::collections::VecDeque<SourceEvent>,
+    acker: std::sync::Arc<SpacedAcker>,
+}
+
+impl sluice_worker::source::Source for QuietAfter {
+    fn next(
+        &mut self,
+        _max: usize,
+    ) -> futures::future::BoxFuture<'_, Result<SourceEvent, sluice_worker::source::SourceError>> {
+        Box::pin(async move {
+            match self.events.pop_front() {
+                Some(e) => Ok(e),
+                None => futures::future::pending().await,
+            }
+        })
+    }
+    fn acker(&self) -> std::sync::Arc<dyn sluice_worker::source::Acker> {
+        self.acker.clone()
+    }
+    fn kind(&self) -> &'static str {
+        "quiet-after"
+    }
+}
+
+/// Each write takes 10 ms.
+struct TenMsWrites;
+
+impl sluice_worker::sink::Sink for TenMsWrites {
+    fn write<'a>(
+        &'a mut self,
+        _batch: &'a [sluice_worker::message::Message],
+    ) -> futures::future::BoxFuture<'a, Result<(), sluice_worker::sink::SinkError>> {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok(())
+        })
+    }
+    fn kind(&self) -> &'static str {
+        "ten-ms"
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_acker_with_a_commit_interval_gets_commits_that_far_apart_and_the_last_positions_without_waiting_for_idle() {
+    let mut events = vec![SourceEvent::Assigned(vec![0])];
+    for b in 0..40 {
+        events.push(SourceEvent::Batch((0..10).map(|i| json_msg(0, b * 10 + i, json!({"n": b * 10 + i}))).collect()));
+    }
+    let interval = Duration::from_millis(100);
+    let acker = std::sync::Arc::new(SpacedAcker { interval, commits: Default::default() });
+    let source = QuietAfter { events: events.into(), acker: acker.clone() };
+    let (stop, started) = (CancellationToken::new(), tokio::time::Instant::now());
+    let rt = runtime(1, None);
+    let run = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let p = Pipeline::compile(&filter_spec_all_n()).unwrap();
+            rt.run(Box::new(source), p, Box::new(TenMsWrites), Box::new(NullSink::default()), stop).await
+        }
+    });
+    // 40 batches at 10 ms a write at most: well under a second, then quiet.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let commits = acker.commits.lock().unwrap().clone();
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let last = commits.last().expect("a commit");
+    assert_eq!(last.1, vec![(0, 400)], "the last position is committed: {commits:?}");
+    for pair in commits.windows(2) {
+        assert!(pair[1].0 - pair[0].0 >= interval, "commits closer than the interval: {commits:?}");
+    }
+    assert!(commits.len() < 20, "{} commits for at most 40 writes: the interval gathers them", commits.len());
+    // Not left for the idle re-commit (5 s): due when the interval ends.
+    assert!(last.0 - started < Duration::from_secs(1), "the last commit waited: {:?}", last.0 - started);
+}

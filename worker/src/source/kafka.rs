@@ -858,7 +858,17 @@ pub struct TransactionalAcker {
     txn: Arc<Transaction>,
 }
 
+/// How often exactly-once commits its transaction: Kafka Streams' default
+/// `commit.interval.ms` under exactly-once. Each commit blocks the sink
+/// stage for a round trip to the transaction coordinator and back; outputs
+/// become visible to read_committed consumers this much later at most.
+pub const TRANSACTION_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
 impl Acker for TransactionalAcker {
+    fn commit_interval(&self) -> Duration {
+        TRANSACTION_COMMIT_INTERVAL
+    }
+
     fn commit<'a>(&'a self, positions: &'a [(i32, i64)]) -> BoxFuture<'a, Result<(), SourceError>> {
         Box::pin(async move {
             let group = self.consumer.group_metadata().ok_or_else(|| SourceError::Broker {

@@ -48,6 +48,13 @@ pub enum SourceError {
 /// Commits source positions: `(partition, next offset to consume)`.
 pub trait Acker: Send + Sync {
     fn commit<'a>(&'a self, positions: &'a [(i32, i64)]) -> BoxFuture<'a, Result<(), SourceError>>;
+    /// How long the runtime may gather positions before it commits them
+    /// (zero: after every write). A commit that is cheap and asynchronous
+    /// (Kafka's offsets, NATS acks, XACK) goes at once; one that blocks the
+    /// sink stage (a Kafka transaction) is worth spacing out.
+    fn commit_interval(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 /// Called by a source, synchronously, when partitions are about to be taken
