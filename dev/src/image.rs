@@ -207,6 +207,14 @@ pub fn build(spec: &ImageSpec, cache_root: &Path) -> Result<PathBuf, ImageError>
     let safe: String = spec.name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     let tar = cache_root.join(format!("images/{safe}.tar"));
     let stamp = cache_root.join(format!("images/{safe}.fingerprint"));
+    // One build at a time per image, across threads and processes (the
+    // tests of one suite start their clusters at once): two `buildah push`es
+    // to one archive fail. The lock is taken before the fingerprint check,
+    // so whoever waited finds the image built and returns it.
+    let lock_path = cache_root.join(format!("images/{safe}.lock"));
+    fs::create_dir_all(cache_root.join("images")).map_err(io_err(&lock_path))?;
+    let lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
     let mut fp = fingerprint(&spec.dockerfile, &spec.context)?;
     fp.push_str(&format!(" {:?} {:?}", spec.target, spec.build_args));
     if tar.exists() && fs::read_to_string(&stamp).is_ok_and(|s| s == fp) {

@@ -25,6 +25,11 @@ pub const IMAGE: &str = concat!("sluice:", env!("CARGO_PKG_VERSION"));
 /// The project's image, built from the Dockerfile's `prebuilt` stage with the
 /// release binaries (rebuilt only when they change).
 pub fn project_image() -> PathBuf {
+    // The tests of a suite start their clusters at once: one copies the
+    // binaries into the context and builds, the others wait and find it
+    // built (`image::build` also locks across processes).
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _building = BUILDING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
     let release = target.join("release");
     let context = target.join("image-context");
