@@ -515,11 +515,14 @@ async fn records_the_sink_refuses_are_dead_lettered_after_max_retries_and_nothin
     assert!(text.contains("sluice_messages_dead_lettered_total{reason=\"sink_rejected\"} 4"), "{text}");
 }
 
+/// When a commit came and what it carried.
+type Commit = (tokio::time::Instant, Vec<(i32, i64)>);
+
 /// An acker that asks for commits at most every `interval` (as the
 /// exactly-once acker does) and records when each came.
 struct SpacedAcker {
     interval: Duration,
-    commits: std::sync::Mutex<Vec<(tokio::time::Instant, Vec<(i32, i64)>)>>,
+    commits: std::sync::Mutex<Vec<Commit>>,
 }
 
 impl sluice_worker::source::Acker for SpacedAcker {

@@ -412,9 +412,7 @@ impl GroupContext {
                 "commit on revocation failed; the next owner redoes from the last commit"),
         }
     }
-}
 
-impl GroupContext {
     /// Exactly-once: commits the open transaction from inside the revoke
     /// callback, with every partition's position (`Drain::All`), before the
     /// revoked partitions move (`Transaction::commit_on_revoke`). A failure
