@@ -373,7 +373,7 @@ impl sluice_worker::source::Acker for LossyAcker {
 /// A live source: a script, then nothing new, for ever.
 struct IdleAfter {
     events: std::collections::VecDeque<SourceEvent>,
-    acker: std::sync::Arc<LossyAcker>,
+    acker: std::sync::Arc<dyn sluice_worker::source::Acker>,
 }
 
 impl sluice_worker::source::Source for IdleAfter {
@@ -541,32 +541,6 @@ impl sluice_worker::source::Acker for SpacedAcker {
     }
 }
 
-/// A script, then nothing new (a live source gone quiet).
-struct QuietAfter {
-    events: std::collections::VecDeque<SourceEvent>,
-    acker: std::sync::Arc<SpacedAcker>,
-}
-
-impl sluice_worker::source::Source for QuietAfter {
-    fn next(
-        &mut self,
-        _max: usize,
-    ) -> futures::future::BoxFuture<'_, Result<SourceEvent, sluice_worker::source::SourceError>> {
-        Box::pin(async move {
-            match self.events.pop_front() {
-                Some(e) => Ok(e),
-                None => futures::future::pending().await,
-            }
-        })
-    }
-    fn acker(&self) -> std::sync::Arc<dyn sluice_worker::source::Acker> {
-        self.acker.clone()
-    }
-    fn kind(&self) -> &'static str {
-        "quiet-after"
-    }
-}
-
 /// Each write takes 10 ms.
 struct TenMsWrites;
 
@@ -593,7 +567,7 @@ async fn an_acker_with_a_commit_interval_gets_commits_that_far_apart_and_the_las
     }
     let interval = Duration::from_millis(100);
     let acker = std::sync::Arc::new(SpacedAcker { interval, commits: Default::default() });
-    let source = QuietAfter { events: events.into(), acker: acker.clone() };
+    let source = IdleAfter { events: events.into(), acker: acker.clone() };
     let (stop, started) = (CancellationToken::new(), tokio::time::Instant::now());
     let rt = runtime(1, None);
     let run = tokio::spawn({
