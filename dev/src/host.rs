@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -125,7 +126,7 @@ pub fn primary_ipv4() -> Result<Ipv4Addr, HostError> {
 }
 
 /// Hands out ports that were free when asked and never the same one twice
-/// (after envtest's `addr/manager.go`).
+/// (after envtest's `addr/manager.go`), from [`unused_port`].
 #[derive(Debug, Default)]
 pub struct PortAllocator {
     given: HashSet<u16>,
@@ -134,12 +135,8 @@ pub struct PortAllocator {
 impl PortAllocator {
     pub fn allocate(&mut self) -> Result<u16, HostError> {
         for _ in 0..100 {
-            let l = TcpListener::bind("0.0.0.0:0").map_err(HostError::Port)?;
-            let port = l.local_addr().map_err(HostError::Port)?.port();
             // Also free for UDP (CoreDNS listens on both).
-            if UdpSocket::bind(("0.0.0.0", port)).is_err() {
-                continue;
-            }
+            let port = unused_port(Protocols::TcpAndUdp).map_err(HostError::Port)?;
             if self.given.insert(port) {
                 return Ok(port);
             }
@@ -148,9 +145,80 @@ impl PortAllocator {
     }
 }
 
+/// Which protocols a port from [`unused_port`] must be free for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocols {
+    Tcp,
+    TcpAndUdp,
+}
+
+/// Where [`unused_port`] looks when the kernel's ephemeral range cannot be
+/// read: below Linux's default of 32768-60999.
+const FALLBACK_RANGE: (u16, u16) = (15_000, 32_767);
+
+/// A port that was free on every address when asked, for a server that binds
+/// it a moment later, and never one this process handed out before.
+///
+/// It is taken from below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`) on purpose. Asking the kernel for port 0
+/// gives one from that range, and so does every outgoing connection for its
+/// source port: between the moment a port is chosen and the moment the
+/// server binds it, any client on the host (the API server dialing etcd, a
+/// test's consumer) may take it, and the server then fails with "address
+/// already in use". That happened in CI to kube-controller-manager. Ports
+/// below the range are only ever taken by listeners that ask for them.
+pub fn unused_port(protocols: Protocols) -> std::io::Result<u16> {
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let (low, high) = below_ephemeral_range();
+    let span = u32::from(high - low) + 1;
+    let start = random_u32() % span;
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    for i in 0..span {
+        let port = low + ((start + i) % span) as u16;
+        if given.contains(&port) || TcpListener::bind(("0.0.0.0", port)).is_err() {
+            continue;
+        }
+        if protocols == Protocols::TcpAndUdp && UdpSocket::bind(("0.0.0.0", port)).is_err() {
+            continue;
+        }
+        given.insert(port);
+        return Ok(port);
+    }
+    Err(std::io::Error::other(format!("no free port in {low}-{high} (below the kernel's ephemeral range)")))
+}
+
+/// Ports from 15000 up to the first of the kernel's ephemeral range.
+fn below_ephemeral_range() -> (u16, u16) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let first = range.as_deref().and_then(|r| r.split_whitespace().next()).and_then(|p| p.parse::<u16>().ok());
+    match first {
+        Some(first) if first > FALLBACK_RANGE.0 + 1000 => (FALLBACK_RANGE.0, first - 1),
+        _ => FALLBACK_RANGE,
+    }
+}
+
+/// A random start for the scan, so that processes do not all try the same
+/// ports first. std's hasher keys are random per process; no crate needed.
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish() as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unused_ports_are_below_the_ephemeral_range_and_distinct() {
+        let (low, high) = below_ephemeral_range();
+        assert!(low < high);
+        let ports: HashSet<u16> = (0..50).map(|_| unused_port(Protocols::Tcp).unwrap()).collect();
+        assert_eq!(ports.len(), 50);
+        assert!(ports.iter().all(|p| (low..=high).contains(p)), "{ports:?} not in {low}-{high}");
+    }
 
     #[test]
     fn ports_are_distinct() {

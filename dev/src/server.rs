@@ -17,7 +17,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -286,22 +286,17 @@ pub fn write(server: &'static str, path: &Path, text: &str) -> Result<()> {
     })
 }
 
-/// `N` distinct free ports on 127.0.0.1: all listeners are held until every
-/// port is chosen, then released for the server to bind.
+/// `N` distinct free ports, from below the kernel's ephemeral range so that
+/// no outgoing connection takes one before the server binds it (see
+/// [`crate::host::unused_port`]).
 pub fn free_ports<const N: usize>(server: &'static str) -> Result<[u16; N]> {
-    let mut listeners = Vec::with_capacity(N);
     let mut ports = [0u16; N];
     for port in &mut ports {
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| BrokerError::Io {
+        *port = crate::host::unused_port(crate::host::Protocols::Tcp).map_err(|source| BrokerError::Io {
             server,
             what: "find a free port".into(),
             source,
         })?;
-        *port = listener
-            .local_addr()
-            .map_err(|source| BrokerError::Io { server, what: "find a free port".into(), source })?
-            .port();
-        listeners.push(listener);
     }
     Ok(ports)
 }

@@ -39,6 +39,13 @@ use tempfile::TempDir;
 
 use crate::require_tool;
 
+/// A free TCP port for a process a test starts itself (a worker's HTTP
+/// server, a bare redis-server), from below the kernel's ephemeral range so
+/// that no outgoing connection takes it before the process binds it.
+pub fn free_port() -> u16 {
+    sluice_dev::host::unused_port(sluice_dev::host::Protocols::Tcp).expect("a free port below the ephemeral range")
+}
+
 // ------------------------------------------------------------------- nats --
 
 /// Overrides for [`Nats::start_with`].

@@ -365,10 +365,7 @@ fn sink_outage_retries_behind_the_breaker_and_readiness_follows() {
     s["deadLetter"] =
         json!({"redis": {"url": source.url(), "stream": "dlq"}, "backoff": {"initial": "50ms", "max": "500ms"}});
     let spec = write_spec(dir.path(), &s);
-    let http = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").to_string()
-    };
+    let http = format!("127.0.0.1:{}", sluice_tests::brokers::free_port());
     let mut worker = Worker::start_on(&spec, dir.path().join("worker.log"), "pod-a", &http);
     wait_for_ids(&sink, "out", (N / 2) as usize, &mut worker);
     wait_for_readyz(&http, 200, &mut worker);
@@ -401,10 +398,7 @@ fn source_outage_turns_readiness_false_until_the_server_answers_again() {
     s["sink"]["redis"]["url"] = json!(sink.url());
     s["deadLetter"] = json!({"redis": {"url": sink.url(), "stream": "dlq"}});
     let spec = write_spec(dir.path(), &s);
-    let http = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").to_string()
-    };
+    let http = format!("127.0.0.1:{}", sluice_tests::brokers::free_port());
     let mut worker = Worker::start_on(&spec, dir.path().join("worker.log"), "pod-a", &http);
     wait_for_ids(&sink, "out", (N / 2) as usize, &mut worker);
     wait_for_readyz(&http, 200, &mut worker);

@@ -74,10 +74,7 @@ impl Worker {
         let log = dir.join(format!("{name}.log"));
         let out = File::options().create(true).append(true).open(&log).expect("worker log file");
         let err = out.try_clone().expect("worker log file");
-        let http = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-            l.local_addr().expect("addr").to_string()
-        };
+        let http = format!("127.0.0.1:{}", sluice_tests::brokers::free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_sluice-worker"))
             .arg("run")
             .arg(&spec_path)

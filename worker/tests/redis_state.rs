@@ -1,11 +1,10 @@
 //! Redis-backed state against a real redis-server, started here on an
-//! ephemeral port in a temp dir with persistence off. A missing
+//! free port in a temp dir with persistence off. A missing
 //! redis-server fails the test with the install command; it never skips.
 
 mod common;
 
 use std::{
-    net::TcpListener,
     process::{Child, Command, Stdio},
     sync::Arc,
     time::Duration,
@@ -38,8 +37,7 @@ impl Drop for RedisServer {
 
 async fn start_redis() -> RedisServer {
     let dir = tempfile::tempdir().expect("temp dir");
-    // Reserve an ephemeral port, then hand it to redis-server.
-    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("ephemeral port").port();
+    let port = sluice_tests::brokers::free_port();
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
         .arg("--dir")
