@@ -310,17 +310,40 @@ fn server_restart_mid_stream_recovers_by_itself() {
     config.directives.insert("appendonly".into(), "yes".into());
     config.directives.insert("appendfsync".into(), "always".into());
     let mut redis = Redis::start_with(config).expect("redis with AOF");
-    const N: u64 = 50_000;
+    // Enough that the worker is still busy when the restart comes (it
+    // outputs tens of thousands a second; a restart after the last output
+    // would test nothing), and the restart comes at the 10,000th output.
+    const N: u64 = 100_000;
     produce(&redis, 0..N);
     let dir = tempfile::tempdir().expect("tempdir");
     let spec = write_spec(dir.path(), &spec(&redis, "restart", None));
     let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a", &[]);
-    let before = ids(&wait_for_ids(&redis, "out", 10_000, &mut worker)).len();
+    let before = wait_for_len(&redis, "out", 10_000, &mut worker);
     redis.restart().expect("redis restart");
     let entries = wait_for_ids(&redis, "out", N as usize, &mut worker);
     let duplicates = check_output(&entries, N);
     assert_eq!(wait_until_acked(&redis, "restart"), 0);
-    eprintln!("server restart after {before} ids: {} out, {duplicates} duplicates", entries.len());
+    assert!(before < N as usize, "the restart came after the last output ({before} of {N}): it tested nothing");
+    eprintln!("server restart after {before} outputs: {} out, {duplicates} duplicates", entries.len());
+}
+
+/// Polls XLEN of `stream` closely until it reaches `want`; returns the length seen.
+fn wait_for_len(redis: &Redis, stream: &str, want: usize, worker: &mut Worker) -> usize {
+    let deadline = Instant::now() + STREAM_DEADLINE;
+    let mut c = conn(redis);
+    loop {
+        worker.assert_running();
+        let len: usize = redis::cmd("XLEN").arg(stream).query(&mut c).expect("XLEN");
+        if len >= want {
+            return len;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stream}: only {len} of {want} within {STREAM_DEADLINE:?}; the worker's log:\n{}",
+            worker.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// GET /readyz: the status line's code, or None while nothing listens.
@@ -473,6 +496,59 @@ fn entries_of_a_read_whose_reply_was_lost_are_replayed_after_the_reconnect() {
     });
 }
 
+/// What a stopping source hands back is what the server has pending for
+/// it, not only what it handed out: a read that shutdown cancelled after
+/// the server ran it leaves entries pending for this consumer that the
+/// pipeline never saw, and those must not wait out claimIdle either.
+#[test]
+fn release_hands_back_pending_entries_the_source_never_handed_out() {
+    use sluice_worker::source::{Source, SourceEvent, redis::RedisSource};
+    let redis = Redis::start();
+    produce(&redis, 0..10);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let spec: sluice_crds::RedisSource = serde_json::from_value(
+            json!({"url": redis.url(), "stream": "in", "startFrom": "earliest", "claimIdle": "10m"}),
+        )
+        .expect("spec");
+        let mut source = RedisSource::new(&spec, "release", "pod-a", &|_| None).expect("source");
+        match source.next(4).await.expect("first read") {
+            SourceEvent::Batch(b) => assert_eq!(b.len(), 4, "ids 0..4 handed out"),
+            other => panic!("expected a batch, got {other:?}"),
+        }
+        // The cancelled read: the server hands ids 4..10 to pod-a, whose
+        // source never sees the reply.
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("release")
+            .arg("pod-a")
+            .arg("STREAMS")
+            .arg("in")
+            .arg(">")
+            .query(&mut conn(&redis))
+            .expect("XREADGROUP as pod-a");
+        source.release().await;
+    });
+    // Every one of the ten, not only the four handed out, is now idle for
+    // longer than any claimIdle: another pod's next XAUTOCLAIM takes them.
+    let day_ms = 86_400_000u64;
+    let reply: redis::Value = redis::cmd("XPENDING")
+        .arg("in")
+        .arg("release")
+        .arg("IDLE")
+        .arg(day_ms - 60_000)
+        .arg("-")
+        .arg("+")
+        .arg(100)
+        .query(&mut conn(&redis))
+        .expect("XPENDING IDLE");
+    let handed_back = match reply {
+        redis::Value::Array(rows) => rows.len(),
+        other => panic!("XPENDING replied {other:?}"),
+    };
+    assert_eq!(handed_back, 10, "all ten pending entries of pod-a handed back");
+}
+
 #[test]
 fn sink_dedupe_writes_each_output_once_across_redeliveries_and_a_server_restart() {
     use sluice_worker::{message::Message, sink::Sink};
@@ -541,9 +617,12 @@ fn entries_held_by_a_window_longer_than_claim_idle_are_not_claimed_by_another_po
     const N: u64 = 4_000;
     produce(&redis, 0..N);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut s = spec(&redis, "windows", Some("2s"));
+    // claimIdle 4s: the keeper re-claims every second, so a pod stalled
+    // for 3 s on a loaded machine still keeps its entries; the windows hold
+    // them twice as long as claimIdle.
+    let mut s = spec(&redis, "windows", Some("4s"));
     s["pipeline"] =
-        json!([{"window": {"type": "session", "gap": "5s", "keyBy": "msg.key", "aggregate": {"count": {}}}}]);
+        json!([{"window": {"type": "session", "gap": "8s", "keyBy": "msg.key", "aggregate": {"count": {}}}}]);
     s["batchSize"] = json!(100);
     let spec = write_spec(dir.path(), &s);
     let mut a = Worker::start(&spec, dir.path().join("worker-a.log"), "pod-a", &[]);
@@ -564,12 +643,12 @@ fn entries_held_by_a_window_longer_than_claim_idle_are_not_claimed_by_another_po
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(5));
     let again = window_count_sum(&redis, "out");
     let claimed =
         [&a, &b].iter().map(|w| w.log_text().matches("claimed entries idle past claimIdle").count()).sum::<usize>();
     eprintln!(
-        "windows over Redis with claimIdle 2s, two pods: {counted} then {again} counted for {N} inputs; {claimed} claims"
+        "windows over Redis with claimIdle 4s, two pods: {counted} then {again} counted for {N} inputs; {claimed} claims"
     );
     assert_eq!((counted, again), (N, N), "every entry counted once: none claimed by the other pod while held");
 }

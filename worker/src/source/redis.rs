@@ -224,6 +224,46 @@ impl Held {
         }
         Ok(())
     }
+
+    /// The ids of every entry pending for this consumer, in pages.
+    async fn pending(&self, conn: &mut ConnectionManager) -> redis::RedisResult<Vec<String>> {
+        const PAGE: usize = 10_000;
+        let mut ids = Vec::new();
+        let mut from = "-".to_string();
+        loop {
+            let reply: Value = redis::cmd("XPENDING")
+                .arg(&self.stream)
+                .arg(&self.group)
+                .arg(&from)
+                .arg("+")
+                .arg(PAGE)
+                .arg(&self.consumer)
+                .query_async(conn)
+                .await?;
+            let page = pending_ids(&reply);
+            let Some(last) = page.last() else { return Ok(ids) };
+            from = format!("({last}");
+            let done = page.len() < PAGE;
+            ids.extend(page);
+            if done {
+                return Ok(ids);
+            }
+        }
+    }
+}
+
+/// The ids in XPENDING's extended reply: `[[id, consumer, idle, deliveries], ...]`.
+fn pending_ids(v: &Value) -> Vec<String> {
+    match v {
+        Value::Array(rows) => rows
+            .iter()
+            .filter_map(|row| match row {
+                Value::Array(fields) => fields.first().and_then(string),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Entries stay pending while the pipeline holds them (an open window
@@ -547,23 +587,38 @@ impl Source for RedisSource {
         Some(self.up.clone())
     }
 
-    /// What is still held was not finished (the acker has XACKed all that
-    /// was delivered): claimed to ourselves as idle for a long time, so the
-    /// next XAUTOCLAIM of another pod (every claimIdle/2) takes it instead
-    /// of waiting claimIdle.
+    /// What is still pending for this consumer was not finished (the acker
+    /// has XACKed all that was delivered): claimed to ourselves as idle for
+    /// a long time, so the next XAUTOCLAIM of another pod (every
+    /// claimIdle/2) takes it instead of waiting claimIdle.
+    ///
+    /// The pending list is read from the server rather than taken from what
+    /// was handed out: a read that shutdown cancelled after the server ran
+    /// it (its entries pending for us, never handed out) is handed back too.
     fn release(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let held: Vec<String> = {
+            let handed_out = {
                 let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-                inflight.drain(..).map(|(_, id, _)| id).collect()
+                inflight.drain(..).count()
             };
-            let Some(idle) = self.claim_idle.filter(|_| !held.is_empty()) else { return };
+            let Some(idle) = self.claim_idle else { return };
             let owner =
                 Held { stream: self.stream.clone(), group: self.group.clone(), consumer: self.consumer.clone() };
+            let held = match owner.pending(&mut self.conn).await {
+                Ok(held) => held,
+                Err(e) => {
+                    tracing::warn!(stream = %self.stream, count = handed_out, error = %e,
+                        "cannot list the unfinished entries to hand them back; another pod claims them after claimIdle");
+                    return;
+                }
+            };
+            if held.is_empty() {
+                return;
+            }
             // Well past any claimIdle: a day, and at least claimIdle twice over.
             let long = (idle * 2).max(Duration::from_secs(86_400));
             match owner.claim(&mut self.conn, &held, long).await {
-                Ok(()) => tracing::info!(stream = %self.stream, count = held.len(),
+                Ok(()) => tracing::info!(stream = %self.stream, count = held.len(), handed_out,
                     "handed back the entries this worker took and did not finish: another pod's next XAUTOCLAIM takes them"),
                 Err(e) => tracing::warn!(stream = %self.stream, count = held.len(), error = %e,
                     "could not hand back the unfinished entries; another pod claims them after claimIdle"),
@@ -616,6 +671,21 @@ impl Acker for RedisAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_ids_come_from_the_extended_xpending_reply() {
+        let row = |id: &str| {
+            Value::Array(vec![
+                Value::BulkString(id.as_bytes().to_vec()),
+                Value::BulkString(b"pod-a".to_vec()),
+                Value::Int(1200),
+                Value::Int(1),
+            ])
+        };
+        assert_eq!(pending_ids(&Value::Array(vec![row("1-0"), row("1-1")])), vec!["1-0", "1-1"]);
+        assert!(pending_ids(&Value::Array(vec![])).is_empty());
+        assert!(pending_ids(&Value::Nil).is_empty());
+    }
 
     #[test]
     fn entries_become_messages() {
