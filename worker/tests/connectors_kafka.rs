@@ -155,6 +155,56 @@ fn hundred_thousand_messages_end_to_end_in_key_order() {
     let duplicates = check_output(&records, N);
     eprintln!("end to end: {N} in, {} out, {duplicates} duplicates", records.len());
     assert_eq!(duplicates, 0, "a clean run delivers each message once");
+    for r in &records {
+        let key = r.key.as_deref().expect("keyed");
+        assert_eq!(
+            r.partition,
+            java_partition(key, 4),
+            "key {:?} is on the partition a Java producer would choose (murmur2)",
+            String::from_utf8_lossy(key)
+        );
+    }
+}
+
+/// The partition Kafka's Java producer chooses for `key`:
+/// `toPositive(Utils.murmur2(key)) % partitions`.
+fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions
+}
+
+/// Kafka's `Utils.murmur2`, written out here to check the sink against it.
+fn murmur2(data: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        for (i, b) in rest.iter().enumerate().rev() {
+            h ^= u32::from(*b) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+#[test]
+fn murmur2_matches_kafkas_own_vectors() {
+    // From Kafka's Java client (Utils.murmur2), run with jshell on kafka-clients 4.4.0.
+    for (key, hash) in [("21", -973_932_308), ("foobar", -790_332_482), ("abc", 479_470_107), ("k1", 1_684_045_097)] {
+        assert_eq!(murmur2(key.as_bytes()), hash, "{key}");
+    }
+    assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
+    assert_eq!((java_partition(b"k0", 4), java_partition(b"foobar", 4)), (1, 2));
 }
 
 #[test]

@@ -30,6 +30,14 @@ use sluice_crds::{Compression, KafkaAuth, KafkaSink as KafkaSinkSpec, KafkaSourc
 use super::{Rejection, Sink, SinkError};
 use crate::{expr::Expression, message::Message, source::kafka::client_config};
 
+/// Defaults the user's `properties` may override. `murmur2_random` is the
+/// Java client's partitioner (librdkafka's own default hashes keys with
+/// CRC32): a key lands on the partition Java producers, Kafka Streams and
+/// Kafka Connect would choose for it, so outputs stay co-partitioned with
+/// topics those write, and records a redrive writes back into a source
+/// topic follow their key's earlier records.
+const PRODUCER_DEFAULTS: [(&str, &str); 1] = [("partitioner", "murmur2_random")];
+
 /// The librdkafka producer settings a sink always runs with (the user's
 /// `properties` cannot weaken delivery).
 fn producer_settings(compression: Compression) -> [(&'static str, &'static str); 5] {
@@ -277,6 +285,9 @@ impl Transaction {
         let at = endpoint(spec, source, "SINK", field)?;
         let mut config = client_config(&at.brokers, at.auth.as_ref(), at.place, field, env)
             .map_err(|detail| SinkError::Config { field, detail })?;
+        for (k, v) in PRODUCER_DEFAULTS {
+            config.set(k, v);
+        }
         for (k, v) in &spec.properties {
             config.set(k, v);
         }
@@ -470,6 +481,9 @@ impl KafkaSink {
         let brokers = at.brokers.clone();
         let mut config = client_config(&at.brokers, at.auth.as_ref(), at.place, field, env)
             .map_err(|detail| SinkError::Config { field, detail })?;
+        for (k, v) in PRODUCER_DEFAULTS {
+            config.set(k, v);
+        }
         for (k, v) in &spec.properties {
             config.set(k, v);
         }
