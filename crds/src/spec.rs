@@ -615,7 +615,10 @@ pub struct KafkaSink {
     pub compression: Compression,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<KafkaAuth>,
-    /// Extra librdkafka producer properties.
+    /// Extra librdkafka producer properties. Records go to the partition
+    /// Java clients choose for their key (`partitioner: murmur2_random`)
+    /// unless `partitioner` is set here; idempotence, acks and compression
+    /// cannot be changed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub properties: BTreeMap<String, String>,
 }
@@ -625,9 +628,17 @@ pub struct KafkaSink {
 pub struct NatsSink {
     #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 512)))]
     pub servers: Vec<String>,
-    /// Subject to publish to; JetStream must have a stream that captures it.
+    /// Subject to publish to; JetStream must have a stream that captures it
+    /// (see `stream`).
     #[schemars(length(min = 1, max = 255))]
     pub subject: String,
+    /// The JetStream stream that captures `subject`. When set, the
+    /// processor's leader creates it if it is missing (file storage, limits
+    /// retention, `subject` its only subject) and reports an existing one
+    /// that does not capture `subject`. Unset: the stream is yours to create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^.*>\s/\\]+$"))]
+    pub stream: Option<String>,
     /// Publishes awaiting an ack at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]

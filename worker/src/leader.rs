@@ -19,10 +19,16 @@
 //! The tasks, run side by side and stopped together:
 //! - provisioning: the Kafka sink's topic and the Kafka dead-letter topic
 //!   are created when missing (partitions: the source topic's count for
-//!   Kafka sources, so keys keep their partition; else 1), and looked at
-//!   again every `RECHECK`. Creating a topic is idempotent on the broker,
-//!   but one creator avoids N pods racing to create it with different
-//!   settings on start and gives one place that logs it.
+//!   Kafka sources, so keys keep their partition; else 1); so are the
+//!   JetStream streams a NATS sink or dead-letter sink names in `stream`
+//!   (an existing one that does not capture the subject is reported, not
+//!   changed). All are looked at again every `RECHECK`. Creating them is
+//!   idempotent on the broker, but one creator avoids N pods racing to
+//!   create them with different settings on start and gives one place
+//!   that logs it. Consumer groups need no provisioning: Kafka's exist
+//!   with their first member, and every pod creates its Redis group and
+//!   NATS durable consumer idempotently before it reads (a local run has
+//!   no leader).
 //! - the state janitor (`janitor`): deletes Redis state snapshots no
 //!   pipeline can read any more.
 //! - dead-letter redrive (`redrive`): when `spec.deadLetter.redrive.id` is
@@ -44,7 +50,7 @@ use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     types::RDKafkaErrorCode,
 };
-use sluice_crds::{KafkaAuth, StreamProcessorSpec};
+use sluice_crds::{KafkaAuth, NatsAuth, StreamProcessorSpec};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -252,11 +258,12 @@ async fn singleton_tasks(processor: &Processor, ledger: Option<Arc<dyn RedriveLe
     );
 }
 
-/// Creates the Kafka topics the processor writes to, and looks again every
-/// `RECHECK`, until `stop`.
+/// Creates the Kafka topics and JetStream streams the processor writes to,
+/// and looks again every `RECHECK`, until `stop`.
 async fn provisioning(spec: &StreamProcessorSpec, stop: CancellationToken) {
     let topics = kafka_topics(spec);
-    if topics.is_empty() {
+    let streams = nats_streams(spec);
+    if topics.is_empty() && streams.is_empty() {
         stop.cancelled().await;
         return;
     }
@@ -270,11 +277,108 @@ async fn provisioning(spec: &StreamProcessorSpec, stop: CancellationToken) {
                 }
             }
         }
+        for s in &streams {
+            match provision_stream(s).await {
+                Ok(true) => tracing::info!(stream = %s.stream, subject = %s.subject, "created the JetStream stream"),
+                Ok(false) => tracing::debug!(stream = %s.stream, "stream exists and captures the subject"),
+                Err(e) => tracing::warn!(stream = %s.stream, field = s.field, error = %e,
+                    "cannot provision the JetStream stream; retrying later"),
+            }
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(RECHECK) => {}
         }
     }
+}
+
+/// A JetStream stream a NATS sink of this processor publishes into.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamPlan {
+    pub servers: Vec<String>,
+    pub auth: Option<NatsAuth>,
+    pub stream: String,
+    pub subject: String,
+    pub place: &'static str,
+    pub field: &'static str,
+}
+
+/// The streams of `spec` the leader provisions: those the NATS sink and
+/// the NATS dead-letter sink name in `stream`.
+pub fn nats_streams(spec: &StreamProcessorSpec) -> Vec<StreamPlan> {
+    let plan = |n: &sluice_crds::NatsSink, place, field| {
+        Some(StreamPlan {
+            servers: n.servers.clone(),
+            auth: n.auth.clone(),
+            stream: n.stream.clone()?,
+            subject: n.subject.clone(),
+            place,
+            field,
+        })
+    };
+    let mut out = Vec::new();
+    if let Some(n) = &spec.sink.nats {
+        out.extend(plan(n, "SINK", "spec.sink.nats"));
+    }
+    if let Some(n) = spec.dead_letter.as_ref().and_then(|d| d.nats.as_ref()) {
+        out.extend(plan(n, "DEADLETTER", "spec.deadLetter.nats"));
+    }
+    out
+}
+
+/// Creates `plan.stream` unless it exists; true when it created it. An
+/// existing stream that does not capture the subject is an error that says
+/// how to fix it: the leader does not change a stream it did not create.
+async fn provision_stream(plan: &StreamPlan) -> Result<bool, String> {
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    let env = |v: &str| std::env::var(v).ok();
+    let options = crate::source::nats::connect_options(plan.auth.as_ref(), plan.place, plan.field, &env)?;
+    let client = tokio::time::timeout(TIMEOUT, options.name("sluice-worker-leader").connect(&plan.servers))
+        .await
+        .map_err(|_| format!("no answer from {} within {TIMEOUT:?}", plan.servers.join(",")))?
+        .map_err(|e| format!("cannot connect to {}: {e}", plan.servers.join(",")))?;
+    let js = async_nats::jetstream::new(client);
+    let existing = tokio::time::timeout(TIMEOUT, js.get_stream(&plan.stream)).await;
+    if let Ok(Ok(stream)) = existing {
+        let subjects = &stream.cached_info().config.subjects;
+        return if subjects.iter().any(|filter| subject_captures(filter, &plan.subject)) {
+            Ok(false)
+        } else {
+            Err(format!(
+                "stream {} exists but does not capture subject {} (its subjects: {}): add the subject to the stream, or name another stream in {}.stream",
+                plan.stream,
+                plan.subject,
+                subjects.join(", "),
+                plan.field
+            ))
+        };
+    }
+    let config = async_nats::jetstream::stream::Config {
+        name: plan.stream.clone(),
+        subjects: vec![plan.subject.clone()],
+        ..Default::default()
+    };
+    match tokio::time::timeout(TIMEOUT, js.create_stream(config)).await {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) => Err(format!("create stream {} for subject {}: {e}", plan.stream, plan.subject)),
+        Err(_) => Err(format!("create stream {}: no answer within {TIMEOUT:?}", plan.stream)),
+    }
+}
+
+/// Whether a stream subject `filter` (with NATS wildcards: `*` one token,
+/// `>` one or more to the end) captures the literal `subject`. Written here
+/// because async-nats keeps its matcher private.
+pub fn subject_captures(filter: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for f in filter.split('.') {
+        match (f, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
 }
 
 /// A Kafka topic this processor writes to.
@@ -443,11 +547,46 @@ mod tests {
     }
 
     #[test]
+    fn the_leader_provisions_the_nats_streams_the_sinks_name() {
+        let s = spec(serde_json::json!({
+            "source": {"nats": {"servers": ["nats://n:4222"], "stream": "IN"}},
+            "sink": {"nats": {"servers": ["nats://n:4222"], "subject": "orders.out", "stream": "OUT"}},
+            "deadLetter": {"nats": {"servers": ["nats://d:4222"], "subject": "orders.dlq"}}
+        }));
+        let plans = nats_streams(&s);
+        assert_eq!(plans.len(), 1, "the dead-letter sink names no stream: it is the user's");
+        assert_eq!(
+            (plans[0].stream.as_str(), plans[0].subject.as_str(), plans[0].field),
+            ("OUT", "orders.out", "spec.sink.nats")
+        );
+        assert!(kafka_topics(&s).is_empty());
+    }
+
+    #[test]
+    fn stream_subjects_capture_by_nats_wildcards() {
+        for (filter, subject, captures) in [
+            ("orders.out", "orders.out", true),
+            ("orders.*", "orders.out", true),
+            ("orders.>", "orders.out.eu", true),
+            ("*.out", "orders.out", true),
+            (">", "orders", true),
+            ("orders.*", "orders.out.eu", false),
+            ("orders.>", "orders", false),
+            ("orders.out", "orders", false),
+            ("orders", "orders.out", false),
+            ("orders.in", "orders.out", false),
+        ] {
+            assert_eq!(subject_captures(filter, subject), captures, "{filter} ~ {subject}");
+        }
+    }
+
+    #[test]
     fn nothing_to_provision_without_kafka_sinks() {
         let s = spec(serde_json::json!({
             "source": {"redis": {"url": "redis://r:6379", "stream": "in"}},
             "sink": {"redis": {"url": "redis://r:6379", "stream": "out"}}
         }));
         assert!(kafka_topics(&s).is_empty());
+        assert!(nats_streams(&s).is_empty());
     }
 }

@@ -468,3 +468,62 @@ fn messages_a_stopping_worker_holds_are_handed_back_at_once() {
     assert_eq!(ids.len() as u64, N, "every id once handed back");
     eprintln!("hand-back: worker A held {N} in an open window; worker B delivered {} after A's SIGTERM", records.len());
 }
+
+/// `sink.nats.stream` names a stream nobody created: the worker's singleton
+/// tasks (a local run holds no Lease, so it runs them itself) create it for
+/// the subject and every output lands in it. A dead-letter stream that
+/// exists without capturing its subject is reported with the fix, and left
+/// as it is.
+#[test]
+fn the_leader_creates_the_sink_stream_and_reports_one_that_misses_the_subject() {
+    let nats = Nats::start();
+    let rt = runtime();
+    const N: u64 = 2_000;
+    rt.block_on(async {
+        let js = js(&nats).await;
+        for (name, subject) in [("IN", "in.>"), ("ELSEWHERE", "other")] {
+            js.create_stream(stream::Config {
+                name: name.into(),
+                subjects: vec![subject.into()],
+                ..Default::default()
+            })
+            .await
+            .expect("create stream");
+        }
+    });
+    rt.block_on(publish(&nats, inputs(0..N)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(&nats, "provisioned");
+    s["sink"]["nats"]["subject"] = json!("made.out");
+    s["sink"]["nats"]["stream"] = json!("MADE");
+    s["deadLetter"]["nats"]["stream"] = json!("ELSEWHERE");
+    let spec = write_spec(dir.path(), &s);
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a", &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        worker.assert_running();
+        let made = rt.block_on(async { js(&nats).await.get_stream("MADE").await.map(|s| s.cached_info().clone()) });
+        if let Ok(info) = made
+            && info.state.messages >= N
+        {
+            assert_eq!(info.config.subjects, vec!["made.out".to_string()], "created for the sink's subject");
+            break;
+        }
+        assert!(Instant::now() < deadline, "stream MADE never held {N} outputs:\n{}", worker.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let records = rt.block_on(read_stream(&nats, "MADE"));
+    assert_eq!(check_output(&records, N, true), 0, "each output once");
+    let log = worker.log_text();
+    assert!(log.contains("created the JetStream stream"), "{}", worker.log_tail());
+    assert!(
+        log.contains("stream ELSEWHERE exists but does not capture subject dlq")
+            && log.contains("spec.deadLetter.nats.stream"),
+        "the mismatched dead-letter stream is reported with the field to fix:\n{}",
+        worker.log_tail()
+    );
+    let subjects = rt.block_on(async {
+        js(&nats).await.get_stream("ELSEWHERE").await.expect("stream").cached_info().config.subjects.clone()
+    });
+    assert_eq!(subjects, vec!["other".to_string()], "a stream the leader did not create is left as it is");
+}
