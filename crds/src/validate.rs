@@ -441,6 +441,17 @@ impl StreamProcessorSpec {
                     "a generator source cannot take records back; remove redrive (redrive needs a kafka, nats or redis source)",
                 );
             }
+            // A redrive publishes each dead letter back to one subject the
+            // source reads: the source's filter, which must then be literal.
+            if dl.redrive.is_some()
+                && let Some(n) = &self.source.nats
+                && n.filter_subject.as_deref().is_none_or(|f| f.split('.').any(|t| t == "*" || t == ">"))
+            {
+                c.err(
+                    "spec.source.nats.filterSubject",
+                    "a redrive publishes the dead letters back to this subject: set filterSubject to a subject without wildcards (or remove spec.deadLetter.redrive)",
+                );
+            }
         }
         if let Some(state) = &self.state {
             if let Some(r) = &state.redis {
@@ -508,6 +519,11 @@ mod tests {
         let ok = parse_manifest(&doc(redis, "{redis: {url: 'redis://r:6379', stream: dlq}, redrive: {id: fix-1}}"))
             .expect("a redrive from a Redis dead-letter stream into a Redis source");
         assert_eq!(ok.spec.dead_letter.and_then(|d| d.redrive).map(|r| r.id).as_deref(), Some("fix-1"));
+        parse_manifest(&doc(
+            "{nats: {servers: ['nats://n:4222'], stream: IN, filterSubject: in.orders}}",
+            "{nats: {servers: ['nats://n:4222'], subject: dlq}, redrive: {id: fix-1}}",
+        ))
+        .expect("a redrive into a NATS source with a literal filterSubject");
         for (source, dead_letter, path, text) in [
             (
                 redis,
@@ -521,6 +537,18 @@ mod tests {
                 "{redis: {url: 'redis://r:6379', stream: dlq}, redrive: {id: fix-1}}",
                 "spec.deadLetter.redrive",
                 "a generator source cannot take records back",
+            ),
+            (
+                "{nats: {servers: ['nats://n:4222'], stream: IN}}",
+                "{nats: {servers: ['nats://n:4222'], subject: dlq}, redrive: {id: fix-1}}",
+                "spec.source.nats.filterSubject",
+                "without wildcards",
+            ),
+            (
+                "{nats: {servers: ['nats://n:4222'], stream: IN, filterSubject: 'in.>'}}",
+                "{nats: {servers: ['nats://n:4222'], subject: dlq}, redrive: {id: fix-1}}",
+                "spec.source.nats.filterSubject",
+                "without wildcards",
             ),
         ] {
             let errors = parse_manifest(&doc(source, dead_letter)).expect_err(dead_letter);
