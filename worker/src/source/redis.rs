@@ -340,8 +340,8 @@ impl RedisSource {
         consumer: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, SourceError> {
-        let config = |detail| SourceError::Config { field: "spec.source.redis.url", detail };
-        let client = client_at(&spec.url, "SOURCE", spec.tls.as_ref(), "spec.source.redis", env).map_err(config)?;
+        let client =
+            client_at(&spec.url, "SOURCE", spec.tls.as_ref(), "spec.source.redis", env).map_err(config_error)?;
         let conn = connect_now(client.clone(), BLOCK + Duration::from_secs(5))?;
         let ack_conn = connect_now(client, Duration::from_secs(5))?;
         let inflight: InFlight = Arc::default();
@@ -544,6 +544,24 @@ impl RedisSource {
     }
 }
 
+/// [`client_at`]'s errors start with the field at fault
+/// (`spec.source.redis.tls.caSecretRef: ...`): that field becomes the
+/// error's, so the message names it once.
+fn config_error(detail: String) -> SourceError {
+    const FIELDS: [&str; 4] = [
+        "spec.source.redis.tls.caSecretRef",
+        "spec.source.redis.tls.clientCertSecretName",
+        "spec.source.redis.tls",
+        "spec.source.redis.url",
+    ];
+    for field in FIELDS {
+        if let Some(rest) = detail.strip_prefix(field).and_then(|r| r.strip_prefix(": ")) {
+            return SourceError::Config { field, detail: rest.to_string() };
+        }
+    }
+    SourceError::Config { field: "spec.source.redis", detail }
+}
+
 /// A refused login: a wrong password (WRONGPASS), none where one is required
 /// (NOAUTH), or an ACL user without the rights (NOPERM).
 pub fn is_auth_error(e: &redis::RedisError) -> bool {
@@ -671,6 +689,20 @@ impl Acker for RedisAcker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configuration_errors_name_the_field_at_fault_once() {
+        let tls = sluice_crds::Tls { ca_secret_ref: None, client_cert_secret_name: Some("client".into()) };
+        let err = client_at("rediss://r:6379", "SOURCE", Some(&tls), "spec.source.redis", &|_| None)
+            .map_err(config_error)
+            .expect_err("no client certificate in the environment");
+        let text = err.to_string();
+        assert!(text.starts_with("spec.source.redis.tls.clientCertSecretName: environment variable"), "{text}");
+        assert_eq!(text.matches("spec.source.redis").count(), 1, "{text}");
+        let err = client_at("http://r", "SOURCE", None, "spec.source.redis", &|_| None).map_err(config_error);
+        let text = err.expect_err("not a Redis URL").to_string();
+        assert!(text.starts_with("spec.source.redis.url: not a Redis URL"), "{text}");
+    }
 
     #[test]
     fn pending_ids_come_from_the_extended_xpending_reply() {
