@@ -10,6 +10,6 @@ crd:    ## regenerate the checked-in CRD after an API change
 	cargo run -q -p sluice-operator -- api-docs > docs/api.md
 
 demo:   ## the quickstart on a local cluster: Kafka, a burst, workers scaling up and back down (Linux, root)
-	bash -c 'set -euo pipefail; eval "$$(bash dev/scripts/setup.sh)"; \
+	bash -c 'set -euo pipefail; eval "$$(SLUICE_KEDA=skip bash dev/scripts/setup.sh)"; \
 	  cargo build --release --locked -p sluice-operator -p sluice-worker -p sluice-dev; \
 	  exec "$$CARGO_TARGET_DIR/release/sluice-dev" demo $(DEMO_ARGS)'

@@ -17,6 +17,8 @@
 # Cold: about 9 minutes on 2 cores. The Go build cache is removed afterwards
 # (it grows by several GB); the module cache is shared with build-cluster.sh.
 #
+# `build-keda.sh --dir` prints the build folder without building.
+#
 # Environment: SLUICE_GO_PARALLEL (default 2) is passed to `go build -p`.
 set -euo pipefail
 
@@ -36,6 +38,12 @@ key="$( { echo "$RECIPE"; GOTOOLCHAIN=local go version; } | sha256sum | cut -c1-
 out="$cache_root/keda/$key"
 bin="$out/bin"
 marker="$out/.complete"
+
+# --dir: where the build is (or will be), without building.
+if [[ "${1:-}" == --dir ]]; then
+  echo "$out"
+  exit 0
+fi
 
 if [[ -f "$marker" ]]; then
   echo "$bin"
