@@ -90,7 +90,38 @@ pub struct Context {
     /// was under way when its processor went (a probe takes seconds) puts
     /// back what the deletion dropped, so it drops it again at its end.
     deleted: Mutex<std::collections::HashSet<String>>,
+    /// Every processor reconciled since it was last forgotten: it may have
+    /// gauges and a probe connection even without autoscaler state.
+    known: Known,
     started: Instant,
+}
+
+/// The processors the operator holds something for (gauges, autoscaler
+/// memory, a probe's connection), so that a relist drops everything of
+/// those deleted while the watch was down, whatever they had.
+#[derive(Default)]
+struct Known(Mutex<std::collections::HashSet<(String, String)>>);
+
+impl Known {
+    fn insert(&self, namespace: &str, name: &str) {
+        if let Ok(mut k) = self.0.lock() {
+            k.insert((namespace.to_string(), name.to_string()));
+        }
+    }
+
+    fn remove(&self, namespace: &str, name: &str) {
+        if let Ok(mut k) = self.0.lock() {
+            k.remove(&(namespace.to_string(), name.to_string()));
+        }
+    }
+
+    /// Those `exists` does not name.
+    fn gone(&self, exists: impl Fn(&str, &str) -> bool) -> Vec<(String, String)> {
+        match self.0.lock() {
+            Ok(k) => k.iter().filter(|(ns, name)| !exists(ns, name)).cloned().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
 }
 
 impl Context {
@@ -111,6 +142,7 @@ impl Context {
             stores,
             scale: Mutex::default(),
             deleted: Mutex::default(),
+            known: Known::default(),
             started: Instant::now(),
         }
     }
@@ -120,6 +152,7 @@ impl Context {
     /// processor was deleted. Without a finalizer a deleted processor is
     /// never reconciled again, so the controller's watch calls this.
     pub fn forget(&self, namespace: &str, name: &str) {
+        self.known.remove(namespace, name);
         self.metrics.forget(namespace, name);
         if let Ok(mut m) = self.scale.lock() {
             m.remove(&(namespace.to_string(), name.to_string()));
@@ -144,13 +177,20 @@ impl Context {
         if let Ok(mut d) = self.deleted.lock() {
             d.clear();
         }
-        let gone: Vec<(String, String)> = match self.scale.lock() {
-            Ok(m) => m.keys().filter(|(ns, name)| !exists(ns, name)).cloned().collect(),
-            Err(_) => return,
-        };
+        let mut gone = self.known.gone(&exists);
+        if let Ok(m) = self.scale.lock() {
+            gone.extend(m.keys().filter(|(ns, name)| !exists(ns, name)).cloned());
+        }
+        gone.sort_unstable();
+        gone.dedup();
         for (ns, name) in gone {
             self.forget(&ns, &name);
         }
+    }
+
+    /// `namespace/name` has gauges (and maybe a probe) to drop when it goes.
+    pub fn remember(&self, namespace: &str, name: &str) {
+        self.known.insert(namespace, name);
     }
 
     /// Monotonic milliseconds since the operator started.
@@ -288,5 +328,23 @@ pub fn error_policy(_guard: Arc<DeserializeGuard<StreamProcessor>>, error: &Erro
     match error {
         Error::Apply(ApplyError::Conflict(..)) => Action::requeue(Duration::from_secs(2)),
         _ => Action::requeue(Duration::from_secs(10)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relist_finds_every_known_processor_that_is_gone() {
+        let known = Known::default();
+        known.insert("a", "kept");
+        known.insert("a", "deleted");
+        known.insert("b", "deleted");
+        known.insert("b", "forgotten");
+        known.remove("b", "forgotten");
+        let mut gone = known.gone(|ns, name| (ns, name) == ("a", "kept"));
+        gone.sort();
+        assert_eq!(gone, vec![("a".to_string(), "deleted".to_string()), ("b".to_string(), "deleted".to_string())]);
     }
 }

@@ -118,6 +118,7 @@ pub async fn report(
         leader,
     };
 
+    ctx.remember(&ns, &name);
     ctx.metrics.desired_replicas.with_label_values(&[&ns, &name]).set(i64::from(desired));
     if let Some(d) = decision {
         ctx.metrics.lag.with_label_values(&[&ns, &name]).set(d.lag);
