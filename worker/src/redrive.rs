@@ -432,7 +432,7 @@ impl DeadLetterReader for KafkaDeadLetters {
     }
 
     fn position(&self) -> Option<String> {
-        serde_json::to_string(&self.covered).ok()
+        serde_json::to_string(&KafkaEnd { topic: self.topic.clone(), ends: self.covered.clone() }).ok()
     }
 
     fn commit(&mut self) -> BoxFuture<'_, Result<(), RedriveError>> {
@@ -958,6 +958,32 @@ pub enum Outcome {
     Redriven(u64),
 }
 
+/// Where a finished redrive of Kafka dead letters ended: the topic, and
+/// the end per partition (the ledger's `sluice.io/redrive-kafka-end`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KafkaEnd {
+    topic: String,
+    ends: BTreeMap<i32, i64>,
+}
+
+/// Where the next Kafka redrive of `spec` starts at the earliest, from the
+/// recorded `position`: the ends recorded for the same dead-letter topic.
+/// A position of another topic (the spec named another since), or of
+/// another broker, is no floor: offsets of one topic say nothing of
+/// another's. A bare map (recorded before the topic was) is taken as the
+/// current topic's, as it was then.
+fn kafka_floor(spec: &StreamProcessorSpec, position: Option<&str>) -> BTreeMap<i32, i64> {
+    let (Some(topic), Some(position)) =
+        (spec.dead_letter.as_ref().and_then(|d| d.kafka.as_ref()).map(|k| &k.topic), position)
+    else {
+        return BTreeMap::new();
+    };
+    if let Ok(end) = serde_json::from_str::<KafkaEnd>(position) {
+        return if &end.topic == topic { end.ends } else { BTreeMap::new() };
+    }
+    serde_json::from_str(position).unwrap_or_default()
+}
+
 /// One attempt at the redrive `spec` asks for: nothing if `ledger` has its
 /// id, else read, republish, commit, and record the id.
 pub async fn attempt(
@@ -970,10 +996,7 @@ pub async fn attempt(
     if ledger.done().await?.as_deref() == Some(id) {
         return Ok(Outcome::AlreadyDone);
     }
-    // A position recorded in another shape (another broker before a spec
-    // change) is no floor: it is ignored.
-    let floor: BTreeMap<i32, i64> =
-        ledger.position().await?.and_then(|p| serde_json::from_str(&p).ok()).unwrap_or_default();
+    let floor = kafka_floor(spec, ledger.position().await?.as_deref());
     let mut reader = dead_letter_reader(spec, processor, &floor).await?;
     let mut sink = source_writer(spec).await?;
     let n = redrive(reader.as_mut(), sink.as_mut(), id, metrics).await?;
@@ -1046,6 +1069,28 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recorded_kafka_end_is_a_floor_only_for_its_own_topic() {
+        let spec = |dead_letter: serde_json::Value| -> StreamProcessorSpec {
+            serde_json::from_value(serde_json::json!({
+                "source": {"kafka": {"brokers": ["k:9092"], "topic": "in"}},
+                "sink": {"stdout": {}},
+                "deadLetter": dead_letter,
+            }))
+            .expect("spec")
+        };
+        let dlq = spec(serde_json::json!({"kafka": {"topic": "dlq"}, "redrive": {"id": "r2"}}));
+        let recorded =
+            serde_json::to_string(&KafkaEnd { topic: "dlq".into(), ends: BTreeMap::from([(0, 7), (1, 3)]) }).unwrap();
+        assert_eq!(kafka_floor(&dlq, Some(&recorded)), BTreeMap::from([(0, 7), (1, 3)]));
+        let moved = spec(serde_json::json!({"kafka": {"topic": "dlq-v2"}, "redrive": {"id": "r2"}}));
+        assert!(kafka_floor(&moved, Some(&recorded)).is_empty(), "another topic's offsets are no floor");
+        assert_eq!(kafka_floor(&dlq, Some(r#"{"0":5}"#)), BTreeMap::from([(0, 5)]), "the shape recorded before");
+        assert!(kafka_floor(&dlq, None).is_empty());
+        let redis = spec(serde_json::json!({"redis": {"url": "redis://r:6379", "stream": "dlq"}}));
+        assert!(kafka_floor(&redis, Some(&recorded)).is_empty());
+    }
 
     #[test]
     fn a_partition_past_its_end_is_committed_at_its_end_and_only_while_open() {
