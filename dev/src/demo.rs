@@ -118,6 +118,9 @@ pub struct DemoOptions {
     pub bin_dir: PathBuf,
     /// Stop by itself this long after the load started (None: at Ctrl-C).
     pub duration: Option<Duration>,
+    /// Stop by itself once the workers went up to the cap and back down
+    /// (`UNTIL_DONE_TAIL` later, so the picture shows them staying down).
+    pub until_done: bool,
     pub load: LoadPlan,
     pub svg: PathBuf,
     pub summary: Option<PathBuf>,
@@ -134,6 +137,7 @@ impl DemoOptions {
             state_dir: None,
             bin_dir: host::default_bin_dir(),
             duration: None,
+            until_done: false,
             load: LoadPlan::default(),
             summary: None,
         }
@@ -663,6 +667,9 @@ fn parent_of(pid: u32) -> Option<u32> {
     stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// How long `until_done` goes on after the workers are back down.
+const UNTIL_DONE_TAIL: Duration = Duration::from_secs(5);
+
 /// Runs the demo until `shutdown` resolves or `opts.duration` has passed,
 /// then stops everything and writes the picture and the summary.
 pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<Summary> {
@@ -807,7 +814,7 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()> + Send + 
     let mut samples: Vec<Sample> = Vec::new();
     let mut ready_at: Option<Instant> = None;
     let mut burst_at: Option<f64> = None;
-    let mut announced_done = false;
+    let mut done_at: Option<Duration> = None;
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let ready_deadline = Duration::from_secs(180);
@@ -851,12 +858,18 @@ pub async fn run(opts: DemoOptions, shutdown: impl Future<Output = ()> + Send + 
         }
         say(&sample.line(PARTITIONS));
         samples.push(sample);
-        if !announced_done && opts.duration.is_none() {
+        if done_at.is_none() && (opts.until_done || opts.duration.is_none()) {
             let so_far = Summary::from_samples(samples.clone(), PARTITIONS, 1, PARTITIONS);
             if so_far.scaled_back_down {
-                announced_done = true;
-                say("--- scaled up to the partition cap and back down. Ctrl-C stops everything.");
+                done_at = Some(t);
+                if !opts.until_done {
+                    say("--- scaled up to the partition cap and back down. Ctrl-C stops everything.");
+                }
             }
+        }
+        if opts.until_done && done_at.is_some_and(|d| t >= d + UNTIL_DONE_TAIL) {
+            say("--- scaled up to the partition cap and back down: done.");
+            break;
         }
     }
 

@@ -47,6 +47,10 @@ enum Cmd {
         /// Stop by itself this many seconds after the load starts (default: at Ctrl-C).
         #[arg(long)]
         duration: Option<u64>,
+        /// Stop by itself once the workers went up to the cap and back down
+        /// (`--duration` still bounds the run).
+        #[arg(long)]
+        until_done: bool,
         /// Where to draw the run (lag and workers over time).
         #[arg(long, default_value = "docs/demo.svg")]
         svg: PathBuf,
@@ -133,8 +137,8 @@ async fn main() -> anyhow::Result<()> {
             up(state, virtual_nodes, images, bin_dir, keda).await
         }
         Cmd::Down => down(&state),
-        Cmd::Demo { duration, svg, summary, binaries, burst } => {
-            demo(state, duration, svg, summary, binaries, burst).await
+        Cmd::Demo { duration, until_done, svg, summary, binaries, burst } => {
+            demo(state, duration, until_done, svg, summary, binaries, burst).await
         }
         Cmd::Kubeconfig => {
             let path = state.join("kubeconfig/admin.yaml");
@@ -245,6 +249,7 @@ async fn up(
 async fn demo(
     state: PathBuf,
     duration: Option<u64>,
+    until_done: bool,
     svg: PathBuf,
     summary: Option<PathBuf>,
     binaries: Option<PathBuf>,
@@ -256,6 +261,7 @@ async fn demo(
     let mut opts = sluice_dev::demo::DemoOptions::new(repo, binaries.unwrap_or(exe_dir));
     opts.state_dir = Some(state.clone());
     opts.duration = duration.map(Duration::from_secs);
+    opts.until_done = until_done;
     opts.svg = svg;
     opts.summary = summary;
     if let Some(n) = burst {

@@ -15,11 +15,12 @@ use std::time::Instant;
 use sluice_dev::demo::Summary;
 use sluice_tests::repo_root;
 
-/// Seconds of load: the burst comes 15 s after Ready, the workers are at the
-/// cap a few seconds later, and back at one 30 s (scaleDownStabilization)
-/// after the lag is gone: 56 s in a run on two shared cores. The rest is
-/// headroom for busier cores.
-const DURATION_SECS: &str = "110";
+/// At most this many seconds of load; the demo stops 5 s after the workers
+/// are back at one (`--until-done`). The burst comes 15 s after Ready, the
+/// workers are at the cap a few seconds later, and back at one 30 s
+/// (scaleDownStabilization) after the lag is gone: 56 s in a run on two
+/// shared cores. The rest is headroom for busier cores.
+const DURATION_SECS: &str = "180";
 
 /// The demo runs as `make demo` builds it: the release sluice-dev beside
 /// the release binaries it puts in the image.
@@ -66,7 +67,7 @@ fn the_demo_scales_the_workers_up_to_the_cap_and_back_down_and_leaves_nothing() 
     let mut child = Command::new(&exe)
         .arg("--state-dir")
         .arg(&state)
-        .args(["demo", "--duration", DURATION_SECS, "--summary"])
+        .args(["demo", "--until-done", "--duration", DURATION_SECS, "--summary"])
         .arg(&summary_path)
         .arg("--svg")
         .arg(&svg)
@@ -102,7 +103,7 @@ fn the_demo_scales_the_workers_up_to_the_cap_and_back_down_and_leaves_nothing() 
     let tail: String =
         stderr.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
     assert!(status.success(), "sluice-dev demo failed ({status}):\n{tail}");
-    eprintln!("sluice-dev demo --duration {DURATION_SECS}: {wall:?} in all");
+    eprintln!("sluice-dev demo --until-done --duration {DURATION_SECS}: {wall:?} in all");
 
     let summary: Summary = serde_json::from_str(
         &std::fs::read_to_string(&summary_path).unwrap_or_else(|e| panic!("{}: {e}\n{stdout}", summary_path.display())),
