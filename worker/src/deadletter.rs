@@ -4,7 +4,12 @@
 //! it was, so that it can be inspected and redriven. No message is dropped
 //! silently: without a configured dead-letter sink the record is logged.
 
-use crate::message::{AckId, Message};
+use sluice_crds::StreamProcessorSpec;
+
+use crate::{
+    message::{AckId, Message},
+    sink::{Sink, SinkError, kafka::KafkaSink, nats::NatsSink, redis::RedisSink},
+};
 
 pub const HEADER_ERROR: &str = "sluice-error";
 pub const HEADER_REASON: &str = "sluice-reason";
@@ -19,7 +24,8 @@ pub const HEADER_SOURCE: &str = "sluice-source";
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
     pub message: Message,
-    /// Bounded label: bad_payload, expression, aggregate, event_time, late, sink_rejected.
+    /// Bounded label: bad_payload, expression, aggregate, event_time, late,
+    /// sink_rejected, redrive_rejected.
     pub reason: &'static str,
     pub error: String,
     /// The step's name (`pipeline[2].window` unless named).
@@ -47,4 +53,39 @@ impl DeadLetter {
         ]);
         m
     }
+}
+
+/// Where dead letters name their source (`HEADER_SOURCE`): `kafka/<topic>`,
+/// `nats/<stream>`, `redis/<stream>`, else the source kind.
+pub fn source_name(spec: &StreamProcessorSpec) -> String {
+    let s = &spec.source;
+    match (&s.kafka, &s.nats, &s.redis) {
+        (Some(k), _, _) => format!("kafka/{}", k.topic),
+        (_, Some(n), _) => format!("nats/{}", n.stream),
+        (_, _, Some(r)) => format!("redis/{}", r.stream),
+        _ => s.kind().to_string(),
+    }
+}
+
+/// The broker dead-letter sink `spec.deadLetter` names (Kafka, NATS or
+/// Redis), each record carrying `HEADER_SOURCE`; None for stdout or none.
+/// Secrets come from `SLUICE_SECRET_DEADLETTER_*` through `env`.
+pub async fn broker_sink(
+    spec: &StreamProcessorSpec,
+    env: &(dyn Fn(&str) -> Option<String> + Sync),
+) -> Result<Option<Box<dyn Sink>>, SinkError> {
+    let Some(dl) = spec.dead_letter.as_ref() else { return Ok(None) };
+    let source = source_name(spec);
+    Ok(Some(if let Some(k) = &dl.kafka {
+        Box::new(
+            KafkaSink::new(k, spec.source.kafka.as_ref(), "DEADLETTER", "spec.deadLetter.kafka", env)?
+                .with_header(HEADER_SOURCE, source),
+        )
+    } else if let Some(r) = &dl.redis {
+        Box::new(RedisSink::new(r, "DEADLETTER", "spec.deadLetter.redis", env)?.with_field(HEADER_SOURCE, source))
+    } else if let Some(n) = &dl.nats {
+        Box::new(NatsSink::new(n, "DEADLETTER", "spec.deadLetter.nats", env).await?.with_header(HEADER_SOURCE, source))
+    } else {
+        return Ok(None);
+    }))
 }

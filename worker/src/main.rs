@@ -222,25 +222,9 @@ async fn run(
             StdoutFormat::Json => StdoutFormat::Envelope,
             f => f,
         })),
-        (None, None) => match spec.dead_letter.as_ref().and_then(|d| d.kafka.as_ref()) {
-            Some(k) => Box::new(
-                KafkaSink::new(k, kafka_source, "DEADLETTER", "spec.deadLetter.kafka", &env)?
-                    .with_header(sluice_worker::deadletter::HEADER_SOURCE, source_name(spec)),
-            ),
-            None => match spec.dead_letter.as_ref().and_then(|d| d.redis.as_ref()) {
-                Some(r) => Box::new(
-                    RedisSink::new(r, "DEADLETTER", "spec.deadLetter.redis", &env)?
-                        .with_field(sluice_worker::deadletter::HEADER_SOURCE, source_name(spec)),
-                ),
-                None => match spec.dead_letter.as_ref().and_then(|d| d.nats.as_ref()) {
-                    Some(n) => Box::new(
-                        NatsSink::new(n, "DEADLETTER", "spec.deadLetter.nats", &env)
-                            .await?
-                            .with_header(sluice_worker::deadletter::HEADER_SOURCE, source_name(spec)),
-                    ),
-                    None => Box::new(LogSink),
-                },
-            },
+        (None, None) => match sluice_worker::deadletter::broker_sink(spec, &env).await? {
+            Some(sink) => sink,
+            None => Box::new(LogSink),
         },
     };
     // Broker sinks retry transient errors behind a circuit breaker and turn
@@ -369,16 +353,6 @@ async fn run(
 
 /// `kafka/<topic>`, `nats/<stream>`, `redis/<stream>`: the dead-letter
 /// header naming where a message came from.
-fn source_name(spec: &StreamProcessorSpec) -> String {
-    let s = &spec.source;
-    match (&s.kafka, &s.nats, &s.redis) {
-        (Some(k), _, _) => format!("kafka/{}", k.topic),
-        (_, Some(n), _) => format!("nats/{}", n.stream),
-        (_, _, Some(r)) => format!("redis/{}", r.stream),
-        _ => s.kind().to_string(),
-    }
-}
-
 async fn wait_for_signal() {
     #[cfg(unix)]
     {

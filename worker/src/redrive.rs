@@ -46,7 +46,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     deadletter::{
-        HEADER_ATTEMPT, HEADER_ERROR, HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_SOURCE, HEADER_STEP,
+        DeadLetter, HEADER_ATTEMPT, HEADER_ERROR, HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_SOURCE,
+        HEADER_STEP,
     },
     message::{Message, Payload, now_ms},
     metrics::Metrics,
@@ -911,11 +912,19 @@ pub async fn dead_letter_reader(
     })
 }
 
+/// The dead-letter reason of a redriven record the source refused.
+pub const REASON_REDRIVE_REJECTED: &str = "redrive_rejected";
+
 /// Moves every dead letter `reader` has into `sink`, batch by batch,
-/// committing each batch only after it was published. Returns how many.
+/// committing each batch only after it was published. A record the source
+/// refuses for what it is (too large, invalid) goes back to `dead_letters`
+/// (reason `redrive_rejected`, the source's error), after this redrive's
+/// end, so a later redrive can try it again; nothing is committed past it
+/// before it is there. Returns how many were read.
 pub async fn redrive(
     reader: &mut dyn DeadLetterReader,
     sink: &mut dyn Sink,
+    dead_letters: &mut dyn Sink,
     id: &str,
     metrics: Option<&Metrics>,
 ) -> Result<u64, RedriveError> {
@@ -930,13 +939,27 @@ pub async fn redrive(
             Ok(()) => {}
             Err(SinkError::Rejected { rejected, .. }) => {
                 // Refused for what it is (too large, invalid): sending it again
-                // cannot help; the log keeps it, the redrive goes on.
-                for r in &rejected {
-                    let Some(m) = batch.get(r.index) else { continue };
-                    tracing::error!(redrive = id, partition = m.partition, offset = m.offset, error = %r.error,
-                        payload = %String::from_utf8_lossy(&m.payload.to_bytes()),
-                        "the source refused this redriven record; it is logged here and skipped");
-                }
+                // now cannot help; it goes back among the dead letters.
+                let refused: Vec<Message> = rejected
+                    .iter()
+                    .filter_map(|r| {
+                        let m = batch.get(r.index)?;
+                        tracing::warn!(redrive = id, partition = m.partition, offset = m.offset, error = %r.error,
+                            "the source refused this redriven record; it goes back to the dead letters");
+                        Some(
+                            DeadLetter {
+                                message: m.clone(),
+                                reason: REASON_REDRIVE_REJECTED,
+                                error: r.error.clone(),
+                                step: "spec.deadLetter.redrive".into(),
+                                attempt: 1,
+                                ack: None,
+                            }
+                            .into_message(),
+                        )
+                    })
+                    .collect();
+                dead_letters.write(&refused).await?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -999,7 +1022,12 @@ pub async fn attempt(
     let floor = kafka_floor(spec, ledger.position().await?.as_deref());
     let mut reader = dead_letter_reader(spec, processor, &floor).await?;
     let mut sink = source_writer(spec).await?;
-    let n = redrive(reader.as_mut(), sink.as_mut(), id, metrics).await?;
+    let mut dead_letters =
+        crate::deadletter::broker_sink(spec, &|v| std::env::var(v).ok()).await?.ok_or(RedriveError::Config {
+            field: "spec.deadLetter",
+            detail: "redrive needs a kafka, nats or redis dead-letter sink".into(),
+        })?;
+    let n = redrive(reader.as_mut(), sink.as_mut(), dead_letters.as_mut(), id, metrics).await?;
     ledger.record(id, reader.position().as_deref()).await?;
     Ok(Outcome::Redriven(n))
 }
@@ -1069,6 +1097,84 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dead letters in memory: all in one batch, then none.
+    struct Letters {
+        left: Vec<Message>,
+        committed: bool,
+    }
+
+    impl DeadLetterReader for Letters {
+        fn next(&mut self, _max: usize) -> BoxFuture<'_, Result<Vec<Message>, RedriveError>> {
+            Box::pin(async move { Ok(std::mem::take(&mut self.left)) })
+        }
+        fn commit(&mut self) -> BoxFuture<'_, Result<(), RedriveError>> {
+            Box::pin(async move {
+                self.committed = true;
+                Ok(())
+            })
+        }
+    }
+
+    /// Takes every record but the one at `refuse`, which it refuses; with
+    /// `refuse` None it takes all, or fails them all when `down`.
+    struct Source {
+        refuse: Option<usize>,
+        down: bool,
+        got: Vec<Message>,
+    }
+
+    impl Sink for Source {
+        fn write<'a>(&'a mut self, batch: &'a [Message]) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move {
+                if self.down {
+                    return Err(SinkError::Broker { kind: "test", target: "t".into(), detail: "down".into() });
+                }
+                for (i, m) in batch.iter().enumerate() {
+                    if Some(i) != self.refuse {
+                        self.got.push(m.clone());
+                    }
+                }
+                match self.refuse {
+                    Some(index) => Err(SinkError::Rejected {
+                        kind: "test",
+                        target: "in".into(),
+                        rejected: vec![crate::sink::Rejection { index, error: "too large for in".into() }],
+                        attempts: 1,
+                    }),
+                    None => Ok(()),
+                }
+            })
+        }
+        fn kind(&self) -> &'static str {
+            "test"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_record_the_source_refuses_goes_back_to_the_dead_letters_before_the_commit() {
+        let letters = || (0..3).map(|i| Message::new(0, i, format!("{{\"n\":{i}}}").into_bytes())).collect();
+        let mut reader = Letters { left: letters(), committed: false };
+        let mut source = Source { refuse: Some(1), down: false, got: Vec::new() };
+        let mut dead = Source { refuse: None, down: false, got: Vec::new() };
+        let n = redrive(&mut reader, &mut source, &mut dead, "fix-1", None).await.expect("redrive");
+        assert_eq!(n, 3);
+        assert_eq!(source.got.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![0, 2]);
+        assert_eq!(dead.got.len(), 1, "the refused record is a dead letter again");
+        let d = &dead.got[0];
+        assert_eq!(d.header(HEADER_REASON), Some(REASON_REDRIVE_REJECTED.as_bytes()));
+        assert_eq!(d.header(HEADER_ERROR), Some(b"too large for in".as_slice()));
+        assert_eq!(d.header(HEADER_STEP), Some(b"spec.deadLetter.redrive".as_slice()));
+        assert_eq!(d.payload.to_bytes(), br#"{"n":1}"#.to_vec());
+        assert!(reader.committed);
+
+        // The dead-letter sink down: nothing is committed past the refused record.
+        let mut reader = Letters { left: letters(), committed: false };
+        let mut source = Source { refuse: Some(1), down: false, got: Vec::new() };
+        let mut dead = Source { refuse: None, down: true, got: Vec::new() };
+        assert!(redrive(&mut reader, &mut source, &mut dead, "fix-1", None).await.is_err());
+        assert!(!reader.committed, "not committed past a refused record that is nowhere yet");
+    }
 
     #[test]
     fn a_recorded_kafka_end_is_a_floor_only_for_its_own_topic() {

@@ -65,7 +65,7 @@ impl NatsSink {
         spec: &NatsSinkSpec,
         place: &str,
         field: &'static str,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
     ) -> Result<Self, SinkError> {
         let options = connect_options(spec.auth.as_ref(), place, field, env)
             .map_err(|detail| SinkError::Config { field, detail })?;
