@@ -152,9 +152,11 @@ pub enum Protocols {
     TcpAndUdp,
 }
 
-/// Where [`unused_port`] looks when the kernel's ephemeral range cannot be
-/// read: below Linux's default of 32768-60999.
-const FALLBACK_RANGE: (u16, u16) = (15_000, 32_767);
+/// Where [`unused_port`] looks: from 15000 up to the kernel's ephemeral
+/// range (Linux's default starts at 32768), and below Kubernetes' NodePort
+/// range (30000-32767), where kube-proxy's rules would send a connection
+/// to a local server on such a port into the cluster.
+const RANGE: (u16, u16) = (15_000, 29_999);
 
 /// A port that was free on every address when asked, for a server that binds
 /// it a moment later, and never one this process handed out before.
@@ -188,13 +190,14 @@ pub fn unused_port(protocols: Protocols) -> std::io::Result<u16> {
     Err(std::io::Error::other(format!("no free port in {low}-{high} (below the kernel's ephemeral range)")))
 }
 
-/// Ports from 15000 up to the first of the kernel's ephemeral range.
+/// [`RANGE`], cut at the first port of the kernel's ephemeral range when a
+/// machine starts that range lower.
 fn below_ephemeral_range() -> (u16, u16) {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
     let first = range.as_deref().and_then(|r| r.split_whitespace().next()).and_then(|p| p.parse::<u16>().ok());
     match first {
-        Some(first) if first > FALLBACK_RANGE.0 + 1000 => (FALLBACK_RANGE.0, first - 1),
-        _ => FALLBACK_RANGE,
+        Some(first) if first > RANGE.0 + 1000 => (RANGE.0, RANGE.1.min(first - 1)),
+        _ => RANGE,
     }
 }
 

@@ -351,8 +351,6 @@ async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `kafka/<topic>`, `nats/<stream>`, `redis/<stream>`: the dead-letter
-/// header naming where a message came from.
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
