@@ -52,7 +52,10 @@ use crate::{
     message::{Message, Payload, now_ms},
     metrics::Metrics,
     sink::{Sink, SinkError, kafka::KafkaSink, nats::NatsSink, redis::RedisSink},
-    source::{nats::HEADER_NATS_SEQ, redis::HEADER_REDIS_ID},
+    source::{
+        nats::HEADER_NATS_SEQ,
+        redis::{HEADER_REDIS_ID, read_reply, stream_entries},
+    },
 };
 
 /// The Lease annotation holding the last redrive id that finished.
@@ -482,58 +485,6 @@ impl StreamId {
     }
 }
 
-fn value_bytes(v: &Value) -> Option<Vec<u8>> {
-    match v {
-        Value::BulkString(b) => Some(b.clone()),
-        Value::SimpleString(s) => Some(s.clone().into_bytes()),
-        Value::Int(i) => Some(i.to_string().into_bytes()),
-        _ => None,
-    }
-}
-
-/// One stream entry: its id, and its fields (`None` for an entry deleted
-/// while pending).
-type Entry = (String, Option<Vec<(String, Vec<u8>)>>);
-
-/// The entries of an XRANGE/XREVRANGE reply (and of one stream in XREADGROUP's).
-fn entries(v: &Value) -> Vec<Entry> {
-    let string = |v: &Value| value_bytes(v).map(|b| String::from_utf8_lossy(&b).into_owned());
-    let Value::Array(items) = v else { return Vec::new() };
-    items
-        .iter()
-        .filter_map(|item| {
-            let Value::Array(pair) = item else { return None };
-            let id = string(pair.first()?)?;
-            let fields = match pair.get(1) {
-                Some(Value::Array(kv)) => {
-                    Some(kv.chunks(2).filter_map(|c| Some((string(c.first()?)?, value_bytes(c.get(1)?)?))).collect())
-                }
-                Some(Value::Map(kv)) => {
-                    Some(kv.iter().filter_map(|(k, v)| Some((string(k)?, value_bytes(v)?))).collect())
-                }
-                _ => None,
-            };
-            Some((id, fields))
-        })
-        .collect()
-}
-
-/// XREADGROUP's reply: `[[stream, entries]]` (RESP2) or `{stream: entries}` (RESP3); nil when none.
-fn read_reply(v: &Value) -> Vec<Entry> {
-    match v {
-        Value::Array(streams) => streams
-            .iter()
-            .filter_map(|s| match s {
-                Value::Array(pair) => pair.get(1).map(entries),
-                _ => None,
-            })
-            .flatten()
-            .collect(),
-        Value::Map(streams) => streams.iter().flat_map(|(_, e)| entries(e)).collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// A dead letter entry as a message: `payload`, `key`, the other fields
 /// as headers (as the Redis sink wrote them).
 fn entry_message(fields: Vec<(String, Vec<u8>)>, offset: i64) -> Message {
@@ -594,7 +545,7 @@ impl RedisDeadLetters {
             .query_async(&mut conn)
             .await
             .map_err(read)?;
-        let end = entries(&last).first().and_then(|(id, _)| StreamId::parse(id));
+        let end = stream_entries(&last).first().and_then(|(id, _)| StreamId::parse(id));
         tracing::info!(stream = %dl.stream, group = REDIS_GROUP, ?end, "redrive: reading the Redis dead letters");
         Ok(Self {
             conn,
@@ -1248,23 +1199,6 @@ mod tests {
         assert!(id("9-10") > id("9-9"));
         assert_eq!(StreamId::parse("x"), None);
         assert!(Some(id("1-0")) > None, "any id is past an empty stream's end");
-    }
-
-    #[test]
-    fn stream_replies_parse_in_both_shapes() {
-        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        let entry = |id: &str| Value::Array(vec![bulk(id), Value::Array(vec![bulk("payload"), bulk("{}")])]);
-        let range = Value::Array(vec![entry("5-0"), entry("6-0")]);
-        let ids = |e: Vec<Entry>| e.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
-        assert_eq!(ids(entries(&range)), ["5-0", "6-0"]);
-        let read = Value::Array(vec![Value::Array(vec![bulk("dlq"), range.clone()])]);
-        assert_eq!(ids(read_reply(&read)), ["5-0", "6-0"]);
-        let resp3 = Value::Map(vec![(bulk("dlq"), range)]);
-        assert_eq!(ids(read_reply(&resp3)), ["5-0", "6-0"]);
-        let gone = Value::Array(vec![bulk("7-0"), Value::Nil]);
-        let deleted = Value::Array(vec![Value::Array(vec![bulk("dlq"), Value::Array(vec![gone])])]);
-        assert_eq!(read_reply(&deleted), vec![("7-0".to_string(), None)]);
-        assert!(read_reply(&Value::Nil).is_empty());
     }
 
     #[test]

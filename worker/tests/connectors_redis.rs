@@ -496,6 +496,67 @@ fn entries_of_a_read_whose_reply_was_lost_are_replayed_after_the_reconnect() {
     });
 }
 
+/// An entry deleted from the stream (XDEL, or a producer's MAXLEN trim)
+/// while pending for a consumer comes back from the replay of its pending
+/// list as an id without fields. The source acknowledges it and goes on:
+/// before, it was skipped and stayed pending for good (lag the operator
+/// counted), and a page holding only deleted entries ended the replay, so
+/// the live entries pending behind it were never delivered.
+#[test]
+fn pending_entries_deleted_from_the_stream_are_acknowledged_and_do_not_end_the_replay() {
+    use sluice_worker::source::{Source, SourceEvent, redis::RedisSource};
+    let redis = Redis::start();
+    produce(&redis, 0..20);
+    let mut c = conn(&redis);
+    let _: () = redis::cmd("XGROUP").arg("CREATE").arg("in").arg("deleted").arg("0").query(&mut c).expect("XGROUP");
+    // A pod-a before a restart read ids 0..10 and finished none of them...
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("deleted")
+        .arg("pod-a")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg("in")
+        .arg(">")
+        .query(&mut c)
+        .expect("XREADGROUP as pod-a");
+    // ...and ids 0, 1 (a whole first page of the replay below) and 5 are
+    // deleted from the stream meanwhile.
+    let stream_ids: HashMap<u64, String> = read_stream(&redis, "in")
+        .into_iter()
+        .map(|(sid, f)| {
+            let v: Value = serde_json::from_slice(&f["payload"]).expect("json");
+            (v["id"].as_u64().expect("id"), sid)
+        })
+        .collect();
+    let deleted = [0u64, 1, 5];
+    let gone: Vec<&String> = deleted.iter().map(|id| &stream_ids[id]).collect();
+    let n: i64 = c.xdel("in", &gone).expect("XDEL");
+    assert_eq!(n, 3);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let got = rt.block_on(async {
+        let spec: sluice_crds::RedisSource =
+            serde_json::from_value(json!({"url": redis.url(), "stream": "in", "startFrom": "earliest"})).expect("spec");
+        let mut source = RedisSource::new(&spec, "deleted", "pod-a", &|_| None).expect("source");
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.len() < 17 && Instant::now() < deadline {
+            if let Ok(event) = tokio::time::timeout(Duration::from_secs(5), source.next(2)).await
+                && let SourceEvent::Batch(b) = event.expect("read")
+            {
+                got.extend(b.iter().filter_map(|m| m.payload.json().ok().and_then(|v| v["id"].as_u64())));
+            }
+        }
+        got
+    });
+    let want: Vec<u64> = (0..20).filter(|id| !deleted.contains(id)).collect();
+    assert_eq!(got, want, "the replay went past the deleted entries, in order, then on to new ones");
+    // Everything handed out is pending until the pipeline acknowledges it;
+    // the deleted ones are not pending any more.
+    assert_eq!(pending(&redis, "deleted"), 17, "the 3 deleted entries were acknowledged by the replay");
+}
+
 /// What a stopping source hands back is what the server has pending for
 /// it, not only what it handed out: a read that shutdown cancelled after
 /// the server ran it leaves entries pending for this consumer that the

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! start: XGROUP CREATE (MKSTREAM; `$` for latest, `0` for earliest)
-//!        XREADGROUP ... STREAMS s 0    our own pending entries first (a restarted pod)
+//!        XREADGROUP ... STREAMS s 0    our own pending entries first (a restarted pod;
+//!                                      again after any failed read); those deleted
+//!                                      from the stream meanwhile are XACKed
 //! loop:  XAUTOCLAIM every claimIdle/2  entries idle past claimIdle (a dead pod's)
 //!        XREADGROUP COUNT max BLOCK 1s STREAMS s >
 //!   each entry ──> Message{partition 0, offset = local sequence, key, payload, headers}
@@ -123,7 +125,8 @@ pub fn connect(client: Client, response_timeout: Duration) -> Result<ConnectionM
 /// One stream entry: its id and its fields.
 type Entry = (String, Vec<(String, Vec<u8>)>);
 
-fn bytes(v: &Value) -> Option<Vec<u8>> {
+/// A reply value as bytes (bulk and simple strings, integers).
+pub(crate) fn value_bytes(v: &Value) -> Option<Vec<u8>> {
     match v {
         Value::BulkString(b) => Some(b.clone()),
         Value::SimpleString(s) => Some(s.clone().into_bytes()),
@@ -133,43 +136,58 @@ fn bytes(v: &Value) -> Option<Vec<u8>> {
 }
 
 fn string(v: &Value) -> Option<String> {
-    bytes(v).and_then(|b| String::from_utf8(b).ok())
+    value_bytes(v).and_then(|b| String::from_utf8(b).ok())
 }
 
-/// `[[id, [field, value, ...]], ...]`; deleted entries (nil) are skipped.
-fn entries(v: &Value) -> Vec<Entry> {
+/// One stream entry: its id, and its fields (`None` for an entry deleted
+/// (XDEL, XTRIM) while pending: XREADGROUP of a pending list returns its id
+/// with no fields).
+pub(crate) type StreamEntry = (String, Option<Vec<(String, Vec<u8>)>>);
+
+/// The entries of an XRANGE reply, or of one stream in XREADGROUP's:
+/// `[[id, [field, value, ...]], ...]` (RESP2; fields as a map in RESP3).
+pub(crate) fn stream_entries(v: &Value) -> Vec<StreamEntry> {
+    let lossy = |v: &Value| value_bytes(v).map(|b| String::from_utf8_lossy(&b).into_owned());
     let Value::Array(items) = v else { return Vec::new() };
     items
         .iter()
         .filter_map(|item| {
             let Value::Array(pair) = item else { return None };
-            let id = string(pair.first()?)?;
+            let id = lossy(pair.first()?)?;
             let fields = match pair.get(1) {
                 Some(Value::Array(kv)) => {
-                    kv.chunks(2).filter_map(|c| Some((string(c.first()?)?, bytes(c.get(1)?)?))).collect()
+                    Some(kv.chunks(2).filter_map(|c| Some((lossy(c.first()?)?, value_bytes(c.get(1)?)?))).collect())
                 }
-                Some(Value::Map(kv)) => kv.iter().filter_map(|(k, v)| Some((string(k)?, bytes(v)?))).collect(),
-                _ => return None,
+                Some(Value::Map(kv)) => {
+                    Some(kv.iter().filter_map(|(k, v)| Some((lossy(k)?, value_bytes(v)?))).collect())
+                }
+                _ => None,
             };
             Some((id, fields))
         })
         .collect()
 }
 
-/// XREADGROUP's reply: `[[stream, entries]]` (RESP2) or `{stream: entries}` (RESP3); nil on timeout.
-fn read_reply(v: &Value) -> Vec<Entry> {
+/// XREADGROUP's reply: `[[stream, entries]]` (RESP2) or `{stream: entries}`
+/// (RESP3); nil when none (a timeout).
+pub(crate) fn read_reply(v: &Value) -> Vec<StreamEntry> {
     match v {
         Value::Array(streams) => streams
             .iter()
             .filter_map(|s| match s {
-                Value::Array(pair) => pair.get(1).map(entries),
+                Value::Array(pair) => pair.get(1).map(stream_entries),
                 _ => None,
             })
             .flatten()
             .collect(),
-        Value::Map(streams) => streams.iter().flat_map(|(_, e)| entries(e)).collect(),
+        Value::Map(streams) => streams.iter().flat_map(|(_, e)| stream_entries(e)).collect(),
         _ => Vec::new(),
     }
+}
+
+/// The entries that still exist, as the pipeline takes them.
+fn existing(entries: Vec<StreamEntry>) -> Vec<Entry> {
+    entries.into_iter().filter_map(|(id, fields)| Some((id, fields?))).collect()
 }
 
 /// The millisecond part of a stream id.
@@ -434,15 +452,31 @@ impl RedisSource {
                 .arg(&from)
                 .query_async(&mut self.conn)
                 .await?;
-            let entries = read_reply(&reply);
-            match entries.last() {
+            let read = read_reply(&reply);
+            match read.last() {
                 None => self.own_pending = None,
                 Some((last, _)) => {
                     self.own_pending = Some(last.clone());
+                    // An entry deleted (XDEL, XTRIM) while pending for us comes
+                    // back as an id without fields: nothing to process, so
+                    // XACKed here, or it would stay pending for good (and count
+                    // as lag in the operator's probe).
+                    let deleted: Vec<&String> =
+                        read.iter().filter(|(_, fields)| fields.is_none()).map(|(id, _)| id).collect();
+                    if !deleted.is_empty() {
+                        let _: i64 = redis::cmd("XACK")
+                            .arg(&self.stream)
+                            .arg(&self.group)
+                            .arg(&deleted)
+                            .query_async(&mut self.conn)
+                            .await?;
+                        tracing::info!(stream = %self.stream, count = deleted.len(),
+                            "acknowledged pending entries deleted from the stream before we processed them");
+                    }
                     // Entries still in flight here are being processed: not ours to redo.
                     let entries: Vec<Entry> = {
                         let inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
-                        entries.into_iter().filter(|(id, _)| !inflight.iter().any(|(_, i, _)| i == id)).collect()
+                        existing(read).into_iter().filter(|(id, _)| !inflight.iter().any(|(_, i, _)| i == id)).collect()
                     };
                     if entries.is_empty() {
                         return Ok(None);
@@ -466,7 +500,10 @@ impl RedisSource {
                 .query_async(&mut self.conn)
                 .await?;
             let (cursor, claimed) = match &reply {
-                Value::Array(parts) => (parts.first().and_then(string), parts.get(1).map(entries).unwrap_or_default()),
+                Value::Array(parts) => (
+                    parts.first().and_then(string),
+                    parts.get(1).map(|e| existing(stream_entries(e))).unwrap_or_default(),
+                ),
                 _ => (None, Vec::new()),
             };
             let cursor = cursor.unwrap_or_else(|| "0-0".into());
@@ -498,7 +535,7 @@ impl RedisSource {
             .arg(">")
             .query_async(&mut self.conn)
             .await?;
-        let entries = read_reply(&reply);
+        let entries = existing(read_reply(&reply));
         Ok((!entries.is_empty()).then(|| self.batch(entries)))
     }
 
@@ -717,6 +754,28 @@ mod tests {
         assert_eq!(pending_ids(&Value::Array(vec![row("1-0"), row("1-1")])), vec!["1-0", "1-1"]);
         assert!(pending_ids(&Value::Array(vec![])).is_empty());
         assert!(pending_ids(&Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn stream_replies_parse_in_both_shapes_with_deleted_entries_as_none() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let entry = |id: &str| Value::Array(vec![bulk(id), Value::Array(vec![bulk("payload"), bulk("{}")])]);
+        let range = Value::Array(vec![entry("5-0"), entry("6-0")]);
+        let ids = |e: Vec<StreamEntry>| e.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(stream_entries(&range)), ["5-0", "6-0"]);
+        let read = Value::Array(vec![Value::Array(vec![bulk("dlq"), range.clone()])]);
+        assert_eq!(ids(read_reply(&read)), ["5-0", "6-0"]);
+        let resp3 = Value::Map(vec![(bulk("dlq"), range)]);
+        assert_eq!(ids(read_reply(&resp3)), ["5-0", "6-0"]);
+        assert!(read_reply(&Value::Nil).is_empty());
+        // A pending entry deleted from the stream: its id, no fields; the
+        // pipeline gets only the others.
+        let gone = Value::Array(vec![bulk("7-0"), Value::Nil]);
+        let deleted = Value::Array(vec![Value::Array(vec![bulk("in"), Value::Array(vec![entry("6-0"), gone])])]);
+        let read = read_reply(&deleted);
+        assert_eq!(read[1], ("7-0".to_string(), None));
+        let kept = existing(read);
+        assert_eq!(kept, vec![("6-0".to_string(), vec![("payload".to_string(), b"{}".to_vec())])]);
     }
 
     #[test]
