@@ -339,6 +339,42 @@ fn server_restart_mid_stream_recovers_by_itself() {
     eprintln!("server restart: {} out, {duplicates} duplicates", records.len());
 }
 
+/// Someone deletes the durable consumer under a running worker (`nats
+/// consumer rm`, a stream edited by hand): the worker creates it again and
+/// goes on. A new durable starts from `startFrom`, so what the old one had
+/// acknowledged comes again; the sink's `Nats-Msg-Id` drops those.
+#[test]
+fn a_durable_deleted_under_the_worker_is_created_again() {
+    let nats = Nats::start();
+    let rt = runtime();
+    rt.block_on(create_streams(&nats));
+    rt.block_on(publish(&nats, inputs(0..2_000)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&nats, "deleted"));
+    let mut worker = Worker::start(&spec, dir.path().join("worker.log"), "pod-a", &[]);
+    rt.block_on(wait_for_len(&nats, "OUT", 2_000, &mut worker));
+    rt.block_on(async {
+        let stream = js(&nats).await.get_stream("IN").await.expect("stream IN");
+        stream.delete_consumer("deleted").await.expect("delete the durable");
+    });
+    rt.block_on(publish(&nats, inputs(2_000..4_000)));
+    rt.block_on(wait_for_len(&nats, "OUT", 4_000, &mut worker));
+    let records = rt.block_on(read_stream(&nats, "OUT"));
+    let duplicates = check_output(&records, 4_000, false);
+    let info = rt.block_on(async {
+        let stream = js(&nats).await.get_stream("IN").await.expect("stream IN");
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("deleted").await.expect("the durable exists again");
+        consumer.info().await.expect("consumer info").clone()
+    });
+    eprintln!(
+        "durable deleted: {} out, {duplicates} duplicates; the new durable delivered up to stream sequence {}",
+        records.len(),
+        info.delivered.stream_sequence
+    );
+    assert_eq!(duplicates, 0, "outputs of redelivered inputs are dropped by Nats-Msg-Id");
+}
+
 /// Sum of the `count` of every window result in stream `name`.
 async fn window_count_sum(nats: &Nats, name: &str) -> u64 {
     read_stream(nats, name)

@@ -2,7 +2,8 @@
 //! stream of pull requests (batches of `max`), acked after delivery.
 //!
 //! ```text
-//! get_or_create durable (explicit ack, ackWait, maxDeliver, filterSubject, deliver all|new)
+//! get_or_create durable (explicit ack, ackWait, maxDeliver, filterSubject, deliver all|new);
+//!   again when the server says it is gone (deleted by hand, the stream recreated)
 //!   └─ consumer.stream().max_messages_per_batch(max) ──> Message{partition 0, offset = local seq,
 //!                                                          headers, key = Sluice-Key header}
 //! acker: commit(0, next) ──> +ACK every message handed out below `next`, then flush
@@ -443,7 +444,33 @@ impl NatsSource {
                 }
                 Ok(Some(Err(e))) => {
                     self.up.store(false, Ordering::Relaxed);
-                    tracing::warn!(stream = %self.stream_name, error = %e, "NATS pull error; the stream retries");
+                    match e.kind() {
+                        // The durable is gone (deleted by hand, the stream
+                        // recreated): the pull stream would wait for it for
+                        // ever, so drop it and create the durable again (from
+                        // startFrom: what the old one acknowledged comes again,
+                        // and the NATS sink's Nats-Msg-Id drops those outputs).
+                        pull::MessagesErrorKind::ConsumerDeleted | pull::MessagesErrorKind::NoResponders => {
+                            let delay = self.backoff.next_delay();
+                            tracing::warn!(stream = %self.stream_name, durable = %self.durable, error = %e, ?delay,
+                                "the durable consumer is gone; creating it again");
+                            self.consumer = None;
+                            self.messages = None;
+                            tokio::time::sleep(delay).await;
+                        }
+                        // The durable's own limits refuse our pulls; the
+                        // stream ends, and a new one meets the same refusal.
+                        pull::MessagesErrorKind::RequestLimitExceeded => {
+                            let delay = self.backoff.next_delay();
+                            tracing::error!(stream = %self.stream_name, durable = %self.durable, field = "spec.batchSize", error = %e, ?delay,
+                                "the durable consumer refuses pulls of spec.batchSize messages: lower spec.batchSize to its max_batch (or raise its limits); retrying");
+                            self.messages = None;
+                            tokio::time::sleep(delay).await;
+                        }
+                        _ => {
+                            tracing::warn!(stream = %self.stream_name, error = %e, "NATS pull error; the stream retries")
+                        }
+                    }
                     continue;
                 }
                 Ok(Some(Ok(m))) => m,
