@@ -223,6 +223,42 @@ fn kill_9_mid_stream_then_restart_redeliveries_are_deduplicated() {
     assert_eq!(duplicates, 0, "redelivered inputs republish with the same Nats-Msg-Id, which JetStream drops");
 }
 
+/// A second worker joins the durable mid-stream: both pull their share
+/// (the server hands each message to one of them), nothing is lost and,
+/// with no worker failing, nothing is delivered twice.
+#[test]
+fn a_second_worker_joins_mid_stream_takes_a_share_and_nothing_is_lost() {
+    let nats = Nats::start();
+    let rt = runtime();
+    const N: u64 = 100_000;
+    rt.block_on(create_streams(&nats));
+    rt.block_on(publish(&nats, inputs(0..N / 2)));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&nats, "join"));
+    let mut a = Worker::start(&spec, dir.path().join("worker-a.log"), "pod-a", &[]);
+    rt.block_on(wait_for_len(&nats, "OUT", 10_000, &mut a));
+    let before = rt.block_on(stream_len(&nats, "OUT"));
+    let http = format!("127.0.0.1:{}", sluice_tests::brokers::free_port());
+    let mut b = Worker::start(&spec, dir.path().join("worker-b.log"), "pod-b", &[("SLUICE_HTTP_ADDR", &http)]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while common::http_get(&http, "/readyz").map(|(status, _)| status) != Some(200) {
+        b.assert_running();
+        assert!(Instant::now() < deadline, "pod-b never ready:\n{}", b.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The second half arrives while both pull.
+    rt.block_on(publish(&nats, inputs(N / 2..N)));
+    rt.block_on(wait_for_len(&nats, "OUT", N, &mut a));
+    b.assert_running();
+    let records = rt.block_on(read_stream(&nats, "OUT"));
+    let duplicates = check_output(&records, N, false);
+    let by_b = common::metric(&http, "sluice_messages_consumed_total");
+    eprintln!("join: pod-b joined after {before} outputs and read {by_b} of {N}; {duplicates} duplicates");
+    assert!(before < N, "pod-b joined after the last output: it tested nothing");
+    assert!(by_b > 0, "pod-b pulled a share");
+    assert_eq!(duplicates, 0, "a worker joining redelivers nothing");
+}
+
 #[test]
 fn poison_messages_go_to_the_dead_letter_stream_with_headers() {
     let nats = Nats::start();

@@ -253,6 +253,34 @@ fn check_output_unordered(entries: &[Entry], n: u64) -> usize {
     entries.len() - all.len()
 }
 
+/// A second pod joins the group mid-stream: both read their share (the
+/// group hands each entry to one consumer), nothing is lost and, with no
+/// pod failing, nothing is delivered twice.
+#[test]
+fn a_second_pod_joins_mid_stream_takes_a_share_and_nothing_is_lost() {
+    let redis = Redis::start();
+    const N: u64 = 100_000;
+    produce(&redis, 0..N / 2);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = write_spec(dir.path(), &spec(&redis, "join", None));
+    let mut a = Worker::start(&spec, dir.path().join("worker-a.log"), "pod-a", &[]);
+    let before = wait_for_len(&redis, "out", 10_000, &mut a);
+    let http = format!("127.0.0.1:{}", sluice_tests::brokers::free_port());
+    let mut b = Worker::start_on(&spec, dir.path().join("worker-b.log"), "pod-b", &http);
+    wait_for_readyz(&http, 200, &mut b);
+    // The second half arrives while both read.
+    produce(&redis, N / 2..N);
+    let entries = wait_for_ids(&redis, "out", N as usize, &mut a);
+    b.assert_running();
+    let duplicates = check_output_unordered(&entries, N);
+    assert_eq!(wait_until_acked(&redis, "join"), 0, "nothing stays pending");
+    let by_b = common::metric(&http, "sluice_messages_consumed_total");
+    eprintln!("join: pod-b joined after {before} outputs and read {by_b} of {N}; {duplicates} duplicates");
+    assert!(before < N as usize, "pod-b joined after the last output: it tested nothing");
+    assert!(by_b > 0, "pod-b read a share");
+    assert_eq!(duplicates, 0, "a pod joining redelivers nothing");
+}
+
 #[test]
 fn poison_messages_go_to_the_dead_letter_stream_with_fields() {
     let redis = Redis::start();
@@ -348,13 +376,7 @@ fn wait_for_len(redis: &Redis, stream: &str, want: usize, worker: &mut Worker) -
 
 /// GET /readyz: the status line's code, or None while nothing listens.
 fn readyz(addr: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET /readyz HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    common::http_get(addr, "/readyz").map(|(status, _)| status)
 }
 
 fn wait_for_readyz(addr: &str, code: u16, worker: &mut Worker) {

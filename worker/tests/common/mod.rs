@@ -130,3 +130,25 @@ pub fn runtime(workers: usize, snapshots: Option<Snapshots>) -> Runtime {
 pub fn json_msg(partition: i32, offset: i64, v: serde_json::Value) -> Message {
     Message::new(partition, offset, serde_json::to_vec(&v).expect("json"))
 }
+
+/// GET `path` from a worker's HTTP address: the status and the body; `None`
+/// when it does not answer.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
+    Some((status, body))
+}
+
+/// A counter's value on a worker's `/metrics` (0 when the series is absent).
+pub fn metric(addr: &str, name: &str) -> u64 {
+    let (_, body) = http_get(addr, "/metrics").unwrap_or_else(|| panic!("{addr}/metrics does not answer"));
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .map_or(0, |v| v as u64)
+}
