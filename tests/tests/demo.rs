@@ -27,7 +27,7 @@ const DURATION_SECS: &str = "180";
 fn release_sluice_dev() -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(&cargo)
-        .args(["build", "--release", "--locked", "-p", "sluice-dev", "-p", "sluice-operator", "-p", "sluice-worker"])
+        .args(["build", "--release", "--locked", "-p", "sluice-worker", "-p", "sluice-operator", "-p", "sluice-dev"])
         .current_dir(repo_root())
         .output()
         .unwrap_or_else(|e| panic!("run {cargo:?} build --release: {e}"));
