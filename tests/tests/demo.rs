@@ -26,7 +26,27 @@ const DURATION_SECS: &str = "180";
 /// the release binaries it puts in the image.
 fn release_sluice_dev() -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(&cargo)
+    let mut build = Command::new(&cargo);
+    // Not the variables `cargo test` gives this test (CARGO_PKG_NAME=sluice-tests,
+    // CARGO_MANIFEST_DIR, ...): build scripts that track them (ring's) would
+    // see them changed from make test's release build and rebuild half the
+    // tree, and the image's binaries with it (about 3 minutes).
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let set_by_cargo_test = ["CARGO_PKG_", "CARGO_BIN_", "CARGO_MANIFEST_"].iter().any(|p| name.starts_with(p))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&name.as_ref());
+        if set_by_cargo_test {
+            build.env_remove(name.as_ref());
+        }
+    }
+    let out = build
         .args(["build", "--release", "--locked", "-p", "sluice-worker", "-p", "sluice-operator", "-p", "sluice-dev"])
         .current_dir(repo_root())
         .output()
