@@ -240,12 +240,7 @@ fn a_second_worker_joins_mid_stream_takes_a_share_and_nothing_is_lost() {
     let before = rt.block_on(stream_len(&nats, "OUT"));
     let http = format!("127.0.0.1:{}", sluice_tests::brokers::free_port());
     let mut b = Worker::start(&spec, dir.path().join("worker-b.log"), "pod-b", &[("SLUICE_HTTP_ADDR", &http)]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while common::http_get(&http, "/readyz").map(|(status, _)| status) != Some(200) {
-        b.assert_running();
-        assert!(Instant::now() < deadline, "pod-b never ready:\n{}", b.log_tail());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_for_readyz(&http, 200, &mut b);
     // The second half arrives while both pull.
     rt.block_on(publish(&nats, inputs(N / 2..N)));
     rt.block_on(wait_for_len(&nats, "OUT", N, &mut a));

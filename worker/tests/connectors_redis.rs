@@ -59,6 +59,18 @@ fn conn(redis: &Redis) -> redis::Connection {
     redis::Client::open(redis.url()).expect("client").get_connection().expect("connect to redis")
 }
 
+/// XREADGROUP of new entries as `consumer` (all of them without `count`),
+/// outside any source: the server has them pending for that consumer, whose
+/// source never saw the reply.
+fn read_as(c: &mut redis::Connection, group: &str, consumer: &str, count: Option<usize>) {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg(group).arg(consumer);
+    if let Some(n) = count {
+        cmd.arg("COUNT").arg(n);
+    }
+    let _: redis::Value = cmd.arg("STREAMS").arg("in").arg(">").query(c).expect("XREADGROUP");
+}
+
 fn payload(id: u64) -> Vec<u8> {
     let key = format!("k{}", id % KEYS);
     serde_json::to_vec(&json!({"id": id, "key": key, "seq": id / KEYS, "type": "order", "amount": id % 1000}))
@@ -267,7 +279,7 @@ fn a_second_pod_joins_mid_stream_takes_a_share_and_nothing_is_lost() {
     let before = wait_for_len(&redis, "out", 10_000, &mut a);
     let http = format!("127.0.0.1:{}", sluice_tests::brokers::free_port());
     let mut b = Worker::start_on(&spec, dir.path().join("worker-b.log"), "pod-b", &http);
-    wait_for_readyz(&http, 200, &mut b);
+    common::wait_for_readyz(&http, 200, &mut b);
     // The second half arrives while both read.
     produce(&redis, N / 2..N);
     let entries = wait_for_ids(&redis, "out", N as usize, &mut a);
@@ -374,23 +386,6 @@ fn wait_for_len(redis: &Redis, stream: &str, want: usize, worker: &mut Worker) -
     }
 }
 
-/// GET /readyz: the status line's code, or None while nothing listens.
-fn readyz(addr: &str) -> Option<u16> {
-    common::http_get(addr, "/readyz").map(|(status, _)| status)
-}
-
-fn wait_for_readyz(addr: &str, code: u16, worker: &mut Worker) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        worker.assert_running();
-        if readyz(addr) == Some(code) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "/readyz never answered {code}; the worker's log:\n{}", worker.log_tail());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn sink_outage_retries_behind_the_breaker_and_readiness_follows() {
     let source = Redis::start();
@@ -413,12 +408,12 @@ fn sink_outage_retries_behind_the_breaker_and_readiness_follows() {
     let http = format!("127.0.0.1:{}", sluice_tests::brokers::free_port());
     let mut worker = Worker::start_on(&spec, dir.path().join("worker.log"), "pod-a", &http);
     wait_for_ids(&sink, "out", (N / 2) as usize, &mut worker);
-    wait_for_readyz(&http, 200, &mut worker);
+    common::wait_for_readyz(&http, 200, &mut worker);
     sink.stop();
     produce(&source, N / 2..N);
-    wait_for_readyz(&http, 503, &mut worker);
+    common::wait_for_readyz(&http, 503, &mut worker);
     sink.restart().expect("sink redis restart");
-    wait_for_readyz(&http, 200, &mut worker);
+    common::wait_for_readyz(&http, 200, &mut worker);
     let entries = wait_for_ids(&sink, "out", N as usize, &mut worker);
     let duplicates = check_output_unordered(&entries, N);
     assert_eq!(wait_until_acked(&source, "outage"), 0);
@@ -446,11 +441,11 @@ fn source_outage_turns_readiness_false_until_the_server_answers_again() {
     let http = format!("127.0.0.1:{}", sluice_tests::brokers::free_port());
     let mut worker = Worker::start_on(&spec, dir.path().join("worker.log"), "pod-a", &http);
     wait_for_ids(&sink, "out", (N / 2) as usize, &mut worker);
-    wait_for_readyz(&http, 200, &mut worker);
+    common::wait_for_readyz(&http, 200, &mut worker);
     source.stop();
-    wait_for_readyz(&http, 503, &mut worker);
+    common::wait_for_readyz(&http, 503, &mut worker);
     source.restart().expect("source redis restart");
-    wait_for_readyz(&http, 200, &mut worker);
+    common::wait_for_readyz(&http, 200, &mut worker);
     produce(&source, N / 2..N);
     let entries = wait_for_ids(&sink, "out", N as usize, &mut worker);
     let duplicates = check_output_unordered(&entries, N);
@@ -482,17 +477,7 @@ fn entries_of_a_read_whose_reply_was_lost_are_replayed_after_the_reconnect() {
         assert_eq!(got, vec![0, 1, 2]);
         // The read whose reply is lost: the server hands ids 3..6 to pod-a...
         let mut c = conn(&redis);
-        let _: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("lost")
-            .arg("pod-a")
-            .arg("COUNT")
-            .arg(3)
-            .arg("STREAMS")
-            .arg("in")
-            .arg(">")
-            .query(&mut c)
-            .expect("XREADGROUP as pod-a");
+        read_as(&mut c, "lost", "pod-a", Some(3));
         // ...and the source's connection drops before it sees them.
         let _: redis::Value = redis::cmd("CLIENT")
             .arg("KILL")
@@ -532,17 +517,7 @@ fn pending_entries_deleted_from_the_stream_are_acknowledged_and_do_not_end_the_r
     let mut c = conn(&redis);
     let _: () = redis::cmd("XGROUP").arg("CREATE").arg("in").arg("deleted").arg("0").query(&mut c).expect("XGROUP");
     // A pod-a before a restart read ids 0..10 and finished none of them...
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("deleted")
-        .arg("pod-a")
-        .arg("COUNT")
-        .arg(10)
-        .arg("STREAMS")
-        .arg("in")
-        .arg(">")
-        .query(&mut c)
-        .expect("XREADGROUP as pod-a");
+    read_as(&mut c, "deleted", "pod-a", Some(10));
     // ...and ids 0, 1 (a whole first page of the replay below) and 5 are
     // deleted from the stream meanwhile.
     let stream_ids: HashMap<u64, String> = read_stream(&redis, "in")
@@ -601,15 +576,7 @@ fn release_hands_back_pending_entries_the_source_never_handed_out() {
         }
         // The cancelled read: the server hands ids 4..10 to pod-a, whose
         // source never sees the reply.
-        let _: redis::Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("release")
-            .arg("pod-a")
-            .arg("STREAMS")
-            .arg("in")
-            .arg(">")
-            .query(&mut conn(&redis))
-            .expect("XREADGROUP as pod-a");
+        read_as(&mut conn(&redis), "release", "pod-a", None);
         source.release().await;
     });
     // Every one of the ten, not only the four handed out, is now idle for

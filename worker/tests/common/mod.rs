@@ -152,3 +152,20 @@ pub fn metric(addr: &str, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse::<f64>().ok()))
         .map_or(0, |v| v as u64)
 }
+
+/// Polls `addr/readyz` until it answers `code`; the worker must keep running.
+pub fn wait_for_readyz(addr: &str, code: u16, worker: &mut process::WorkerProcess) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        worker.assert_running();
+        if http_get(addr, "/readyz").map(|(status, _)| status) == Some(code) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never answered {code}; the worker's log:\n{}",
+            worker.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
