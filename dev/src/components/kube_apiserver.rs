@@ -48,7 +48,9 @@ pub fn build(c: &ClusterConfig) -> Result<Component, TemplateError> {
         .flag("enable-aggregator-routing", true)
         // Without it, a client's open watch holds the shutdown until SIGKILL.
         .flag("shutdown-watch-termination-grace-period", "2s")
-        .flag("profiling", false)
+        // /debug/pprof, for a closer look at where the API server spends its
+        // CPU (docs/benchmarks.md, "Operator at scale").
+        .flag("profiling", std::env::var_os("SLUICE_DEV_APISERVER_PROFILING").is_some())
         .flag("v", 1);
     comp.waits_for = vec![super::etcd::NAME];
     comp.ports = vec![("https", c.ports.apiserver)];
