@@ -3,7 +3,9 @@
 //! own process) starts cold. Prints the time until every processor is
 //! reconciled and until every one is Ready, reconcile latency quantiles from
 //! the operator's own histogram, its RSS, and the writes it makes at steady
-//! state (from the audit log).
+//! state (from the audit log); then the latency of 50 edits made one at a
+//! time; then the baseline: the same writes made without the operator on a
+//! fresh cluster (docs/benchmarks.md, "Operator at scale").
 //!
 //!   cargo build --release -p sluice-operator
 //!   cargo run --release -p sluice-tests --bin sluice-bench-operator -- 1000
@@ -16,12 +18,17 @@ use std::{
 use futures::{StreamExt, stream};
 use k8s_openapi::jiff::Timestamp;
 use kube::{
-    Api,
-    api::{ListParams, PostParams},
+    Api, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
 use sluice_crds::StreamProcessor;
 use sluice_dev::{Cluster, ClusterOptions};
+use sluice_operator::{
+    build::{self, Settings},
+    reconcile::{APPLIED_HASH, MANAGER},
+};
 use sluice_tests::e2e::install_crd;
 
 const NS: &str = "bench";
@@ -212,6 +219,144 @@ fn exact_quantile(values: &mut [f64], q: f64) -> f64 {
     values[i]
 }
 
+/// N processors `p0000`..., generator source (nothing to probe), workers on
+/// the KWOK nodes; returns them as created (with their uids).
+async fn create_processors(sps: &Api<StreamProcessor>, n: usize) -> Vec<StreamProcessor> {
+    stream::iter(0..n)
+        .map(|i| {
+            let sps = sps.clone();
+            async move {
+                let sp: StreamProcessor = serde_json::from_value(json!({
+                    "apiVersion": "sluice.io/v1alpha1", "kind": "StreamProcessor",
+                    "metadata": {"name": format!("p{i:04}"), "namespace": NS},
+                    "spec": {
+                        "source": {"generator": {"rate": 10, "template": {"id": "seq"}}},
+                        "pipeline": [{"filter": "msg.id % 2 == 0"}],
+                        "sink": {"stdout": {}},
+                        "replicas": 1,
+                        "pod": {"nodeSelector": {"type": "kwok"},
+                                "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}]}
+                    }
+                }))
+                .expect("manifest");
+                sps.create(&PostParams::default(), &sp).await.expect("create")
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
+}
+
+/// Server-side apply as the operator does it (its field manager, forced).
+async fn apply<K>(client: &kube::Client, mut obj: K)
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    // The operator's hash annotation, so the bodies weigh what its do.
+    obj.annotations_mut().insert(APPLIED_HASH.into(), "0123456789abcdef".into());
+    let api: Api<K> = Api::namespaced(client.clone(), NS);
+    api.patch(&obj.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&obj)).await.expect("apply");
+}
+
+/// The baseline: the operator's cold-start writes made directly, on a fresh
+/// cluster of the same shape with the same N processors. For each processor
+/// its seven children, built by the operator's own functions and applied as
+/// it applies them (all at once, the RoleBinding after its Role), then a
+/// status like the one the operator wrote; as many processors at a time as
+/// the operator reconciles at once. No watches, no queue, no decisions:
+/// what remains is the control plane's time for these writes on this
+/// machine, the floor under any operator that makes them.
+async fn baseline(n: usize, nodes: u32, concurrency: usize, status: serde_json::Value) {
+    let cluster = Cluster::start(ClusterOptions { virtual_nodes: nodes, ..ClusterOptions::default() })
+        .await
+        .unwrap_or_else(|e| panic!("start the cluster (bash dev/scripts/build-cluster.sh; root): {e}"));
+    let client = cluster.client().await.expect("client");
+    install_crd(&client).await;
+    let _ = cluster.kubectl().args(["create", "namespace", NS]).output();
+    let sps: Api<StreamProcessor> = Api::namespaced(client.clone(), NS);
+    let created = create_processors(&sps, n).await;
+    let settings = Settings { worker_image: "sluice:bench".into(), ..Settings::default() };
+    let components = cluster.pids();
+    let cpu_before: Vec<f64> = components.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+    let machine_before = machine_cpu_seconds();
+    let t = Instant::now();
+    let start_wall = Timestamp::now();
+    let mut latencies: Vec<f64> = stream::iter(created)
+        .map(|sp| {
+            let (client, settings, sps, status) = (client.clone(), settings.clone(), sps.clone(), status.clone());
+            async move {
+                let t = Instant::now();
+                let service_account = async {
+                    if let Some(sa) = build::service_account(&sp) {
+                        apply(&client, sa).await;
+                    }
+                };
+                let rbac = async {
+                    apply(&client, build::role(&sp)).await;
+                    apply(&client, build::role_binding(&sp)).await;
+                };
+                futures::join!(
+                    apply(&client, build::configmap(&sp)),
+                    service_account,
+                    rbac,
+                    apply(&client, build::service(&sp)),
+                    apply(&client, build::pdb(&sp)),
+                    apply(&client, build::deployment(&sp, &settings, 1)),
+                );
+                let mut status = status;
+                status["observedGeneration"] = json!(sp.metadata.generation);
+                let doc = json!({"apiVersion": "sluice.io/v1alpha1", "kind": "StreamProcessor", "status": status});
+                sps.patch_status(&sp.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&doc))
+                    .await
+                    .expect("status");
+                t.elapsed().as_secs_f64()
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let took = t.elapsed();
+    let end_wall = Timestamp::now();
+    let machine = machine_cpu_seconds();
+    let cpu_after: Vec<f64> = components.iter().map(|(_, p)| cpu_seconds(*p)).collect();
+    println!();
+    println!(
+        "baseline, the same writes without the operator (fresh cluster, {n} processors, {concurrency} at a time): all written in {took:.2?}"
+    );
+    println!(
+        "- one processor's writes (the analogue of a reconcile's wall time): p50 {:.1} ms, p99 {:.1} ms",
+        exact_quantile(&mut latencies, 0.5) * 1000.0,
+        exact_quantile(&mut latencies, 0.99) * 1000.0
+    );
+    // The audit log is written in batches, at most a second apart.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let requests = audit_requests(&cluster.audit_log());
+    let within = |r: &&Request| r.received >= start_wall && r.received <= end_wall && is_write(&r.verb);
+    let writes: Vec<&Request> = requests.iter().filter(within).filter(|r| r.user == ADMIN).collect();
+    let mut lat: Vec<f64> = writes.iter().map(|r| r.seconds).collect();
+    println!(
+        "- writes by the baseline: {} ({:.0}/s); API server time per write p50 {:.1} ms, p99 {:.1} ms",
+        writes.len(),
+        writes.len() as f64 / took.as_secs_f64(),
+        exact_quantile(&mut lat, 0.5) * 1000.0,
+        exact_quantile(&mut lat, 0.99) * 1000.0
+    );
+    let others = requests.iter().filter(within).filter(|r| r.user != ADMIN).count();
+    println!("- writes by the control plane's own controllers meanwhile: {others}");
+    println!("- CPU seconds used (2 cores = {:.0} CPU-s available):", 2.0 * took.as_secs_f64());
+    for (i, (name, _)) in components.iter().enumerate() {
+        let used = cpu_after[i] - cpu_before[i];
+        if used > 0.05 {
+            println!("  {name}: {used:.1}");
+        }
+    }
+    println!("  whole machine: {:.1} of {:.1} CPU-s busy", machine.0 - machine_before.0, machine.1 - machine_before.1);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1000);
@@ -234,27 +379,7 @@ async fn main() {
 
     let sps: Api<StreamProcessor> = Api::namespaced(client.clone(), NS);
     let t = Instant::now();
-    stream::iter(0..n)
-        .for_each_concurrent(16, |i| {
-            let sps = sps.clone();
-            async move {
-                let sp: StreamProcessor = serde_json::from_value(json!({
-                    "apiVersion": "sluice.io/v1alpha1", "kind": "StreamProcessor",
-                    "metadata": {"name": format!("p{i:04}"), "namespace": NS},
-                    "spec": {
-                        "source": {"generator": {"rate": 10, "template": {"id": "seq"}}},
-                        "pipeline": [{"filter": "msg.id % 2 == 0"}],
-                        "sink": {"stdout": {}},
-                        "replicas": 1,
-                        "pod": {"nodeSelector": {"type": "kwok"},
-                                "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}]}
-                    }
-                }))
-                .expect("manifest");
-                sps.create(&PostParams::default(), &sp).await.expect("create");
-            }
-        })
-        .await;
+    create_processors(&sps, n).await;
     eprintln!("{n} StreamProcessors created in {:?}", t.elapsed());
 
     let port = 18_000 + (std::process::id() % 1000) as u16;
@@ -278,6 +403,25 @@ async fn main() {
     let mut cpu_at_reconciled = cpu_at_cold.clone();
     let mut reconciled_wall = cold_wall;
 
+    // The processors' state, kept by one watch: polling with LISTs of all
+    // 1000 (four a second) cost the API server about 5% of its CPU during
+    // the cold start (a CPU profile showed it), load the operator does not
+    // cause.
+    let seen: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (bool, bool)>>> = Default::default();
+    let watch = tokio::spawn({
+        let seen = seen.clone();
+        let stream = watcher(sps.clone(), watcher::Config::default()).default_backoff().applied_objects();
+        async move {
+            let mut stream = std::pin::pin!(stream);
+            while let Some(item) = stream.next().await {
+                let Ok(sp) = item else { continue };
+                let reconciled = sp.status.as_ref().is_some_and(|s| s.observed_generation == sp.metadata.generation);
+                let ready = sp.status.as_ref().and_then(|s| s.condition("Ready")).is_some_and(|c| c.status == "True");
+                seen.lock().expect("not poisoned").insert(sp.name_any(), (reconciled, ready));
+            }
+        }
+    });
+
     let mut reconciled_at = None;
     // When the first 50%, 90% and 99% of processors were reconciled: a long
     // tail after most are done is the controller's queue, not the API server.
@@ -287,17 +431,10 @@ async fn main() {
     while ready_at.is_none() && cold.elapsed() < Duration::from_secs(600) {
         tokio::time::sleep(Duration::from_millis(250)).await;
         peak_rss = peak_rss.max(rss_kib(pid, "VmRSS:"));
-        let Ok(list) = sps.list(&ListParams::default()).await else { continue };
-        let reconciled = list
-            .items
-            .iter()
-            .filter(|sp| sp.status.as_ref().is_some_and(|s| s.observed_generation == sp.metadata.generation))
-            .count();
-        let ready = list
-            .items
-            .iter()
-            .filter(|sp| sp.status.as_ref().and_then(|s| s.condition("Ready")).is_some_and(|c| c.status == "True"))
-            .count();
+        let (reconciled, ready) = {
+            let seen = seen.lock().expect("not poisoned");
+            (seen.values().filter(|s| s.0).count(), seen.values().filter(|s| s.1).count())
+        };
         for (share, at) in milestones.iter_mut() {
             if at.is_none() && reconciled as f64 >= *share * n as f64 {
                 *at = Some(cold.elapsed());
@@ -314,6 +451,10 @@ async fn main() {
         }
     }
 
+    watch.abort();
+    // A status as the operator wrote it, for the baseline to write its like.
+    let status = serde_json::to_value(sps.get("p0000").await.expect("p0000").status).expect("status");
+
     // Steady state: nothing changes; count what the operator asks of the API server.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let before = cluster.audit_records().expect("audit").len();
@@ -326,6 +467,33 @@ async fn main() {
     let metrics = scrape(port).await;
     let reconciles_in_window = reconcile_buckets(&metrics).last().map(|b| b.1).unwrap_or(0.0)
         - reconcile_buckets(&metrics_before).last().map(|b| b.1).unwrap_or(0.0);
+
+    // Then one change at a time on the settled control plane, as a person
+    // editing a processor: a new filter, so its ConfigMap, its Deployment
+    // (a rollout) and its status are written.
+    let edits = 50;
+    let before_edits = scrape(port).await;
+    let mut edit_walls = Vec::with_capacity(edits);
+    for i in 0..edits {
+        let name = format!("p{i:04}");
+        let t = Instant::now();
+        let patch = json!({"spec": {"pipeline": [{"filter": "msg.id % 3 == 0"}]}});
+        let generation =
+            sps.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("edit").metadata.generation;
+        while sps.get(&name).await.expect("get").status.is_none_or(|s| s.observed_generation != generation) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        edit_walls.push(t.elapsed().as_secs_f64());
+    }
+    let after_edits = scrape(port).await;
+    let delta = |after: Vec<(f64, f64)>, before: Vec<(f64, f64)>| -> Vec<(f64, f64)> {
+        after.iter().zip(before).map(|(a, b)| (a.0, a.1 - b.1)).collect()
+    };
+    let edit_buckets = delta(reconcile_buckets(&after_edits), reconcile_buckets(&before_edits));
+    let edit_steps: Vec<(&str, Vec<(f64, f64)>)> = ["dereference", "scale", "apply", "report"]
+        .into_iter()
+        .map(|st| (st, delta(step_buckets(&after_edits, st), step_buckets(&before_edits, st))))
+        .collect();
 
     let buckets = reconcile_buckets(&metrics);
     println!("operator scale benchmark: {n} StreamProcessors, {nodes} KWOK nodes, operator {operator_bin}");
@@ -353,6 +521,24 @@ async fn main() {
         writes
     );
     println!("| reconciles in that window | {reconciles_in_window} | |");
+    println!(
+        "| then {edits} edits one at a time: reconciles / p50 / p99 | {} / {:.1} ms / {:.1} ms | < 50 ms |",
+        edit_buckets.last().map(|b| b.1).unwrap_or(0.0),
+        quantile(&edit_buckets, 0.5) * 1000.0,
+        quantile(&edit_buckets, 0.99) * 1000.0
+    );
+    println!(
+        "| edit to status.observedGeneration, seen by a client: p50 / max | {:.1} ms / {:.1} ms | |",
+        exact_quantile(&mut edit_walls, 0.5) * 1000.0,
+        exact_quantile(&mut edit_walls, 1.0) * 1000.0
+    );
+    for (st, b) in &edit_steps {
+        println!(
+            "|   of which {st}: p50 / p99 | {:.1} ms / {:.1} ms | |",
+            quantile(b, 0.5) * 1000.0,
+            quantile(b, 0.99) * 1000.0
+        );
+    }
 
     // Where the cold start's time went: the API server's own view (audit log).
     if let Ok(copy) = std::env::var("SLUICE_BENCH_KEEP_AUDIT") {
@@ -362,10 +548,8 @@ async fn main() {
     let requests = audit_requests(&cluster.audit_log());
     let in_cold: Vec<&Request> =
         requests.iter().filter(|r| r.received >= cold_wall && r.received <= reconciled_wall).collect();
-    // The bench polls StreamProcessors with the same admin credentials; the operator never lists them outside its watch.
-    let by_operator = |r: &&&Request| {
-        r.user == ADMIN && !(r.resource == "streamprocessors" && r.subresource.is_empty() && r.verb != "watch")
-    };
+    // The bench watches StreamProcessors with the same admin credentials; it writes none of them.
+    let by_operator = |r: &&&Request| r.user == ADMIN;
     let op_writes: Vec<&&Request> = in_cold.iter().filter(by_operator).filter(|r| is_write(&r.verb)).collect();
     let all_writes: Vec<&&Request> = in_cold.iter().filter(|r| is_write(&r.verb)).collect();
     let window_s = reconciled_wall.duration_since(cold_wall).as_secs_f64().max(0.001);
@@ -431,4 +615,10 @@ async fn main() {
             );
         }
     }
+
+    // The baseline on a fresh cluster, after this one is gone.
+    drop(_operator);
+    drop(cluster);
+    let concurrency = std::env::var("SLUICE_RECONCILE_CONCURRENCY").ok().and_then(|v| v.parse().ok()).unwrap_or(32);
+    baseline(n, nodes, concurrency, status).await;
 }
