@@ -219,6 +219,29 @@ fn exact_quantile(values: &mut [f64], q: f64) -> f64 {
     values[i]
 }
 
+/// The local cluster with `nodes` KWOK nodes, the CRD and the benchmark's namespace.
+async fn start_cluster(nodes: u32) -> (Cluster, kube::Client) {
+    let t = Instant::now();
+    let cluster = Cluster::start(ClusterOptions { virtual_nodes: nodes, ..ClusterOptions::default() })
+        .await
+        .unwrap_or_else(|e| panic!("start the cluster (bash dev/scripts/build-cluster.sh; root): {e}"));
+    eprintln!("cluster with {nodes} KWOK nodes up in {:?}", t.elapsed());
+    let client = cluster.client().await.expect("client");
+    install_crd(&client).await;
+    let _ = cluster.kubectl().args(["create", "namespace", NS]).output();
+    (cluster, client)
+}
+
+/// One line per process that used CPU between the two samples.
+fn print_cpu(components: &[(&str, u32)], before: &[f64], after: &[f64]) {
+    for ((name, _), (a, b)) in components.iter().zip(after.iter().zip(before)) {
+        let used = a - b;
+        if used > 0.05 {
+            println!("  {name}: {used:.1}");
+        }
+    }
+}
+
 /// N processors `p0000`..., generator source (nothing to probe), workers on
 /// the KWOK nodes; returns them as created (with their uids).
 async fn create_processors(sps: &Api<StreamProcessor>, n: usize) -> Vec<StreamProcessor> {
@@ -271,12 +294,7 @@ where
 /// what remains is the control plane's time for these writes on this
 /// machine, the floor under any operator that makes them.
 async fn baseline(n: usize, nodes: u32, concurrency: usize, status: serde_json::Value) {
-    let cluster = Cluster::start(ClusterOptions { virtual_nodes: nodes, ..ClusterOptions::default() })
-        .await
-        .unwrap_or_else(|e| panic!("start the cluster (bash dev/scripts/build-cluster.sh; root): {e}"));
-    let client = cluster.client().await.expect("client");
-    install_crd(&client).await;
-    let _ = cluster.kubectl().args(["create", "namespace", NS]).output();
+    let (cluster, client) = start_cluster(nodes).await;
     let sps: Api<StreamProcessor> = Api::namespaced(client.clone(), NS);
     let created = create_processors(&sps, n).await;
     let settings = Settings { worker_image: "sluice:bench".into(), ..Settings::default() };
@@ -348,12 +366,7 @@ async fn baseline(n: usize, nodes: u32, concurrency: usize, status: serde_json::
     let others = requests.iter().filter(within).filter(|r| r.user != ADMIN).count();
     println!("- writes by the control plane's own controllers meanwhile: {others}");
     println!("- CPU seconds used (2 cores = {:.0} CPU-s available):", 2.0 * took.as_secs_f64());
-    for (i, (name, _)) in components.iter().enumerate() {
-        let used = cpu_after[i] - cpu_before[i];
-        if used > 0.05 {
-            println!("  {name}: {used:.1}");
-        }
-    }
+    print_cpu(&components, &cpu_before, &cpu_after);
     println!("  whole machine: {:.1} of {:.1} CPU-s busy", machine.0 - machine_before.0, machine.1 - machine_before.1);
 }
 
@@ -368,14 +381,7 @@ async fn main() {
         "{operator_bin} is missing: cargo build --release -p sluice-operator"
     );
 
-    let t = Instant::now();
-    let cluster = Cluster::start(ClusterOptions { virtual_nodes: nodes, ..ClusterOptions::default() })
-        .await
-        .unwrap_or_else(|e| panic!("start the cluster (bash dev/scripts/build-cluster.sh; root): {e}"));
-    eprintln!("cluster with {nodes} KWOK nodes up in {:?}", t.elapsed());
-    let client = cluster.client().await.expect("client");
-    install_crd(&client).await;
-    let _ = cluster.kubectl().args(["create", "namespace", NS]).output();
+    let (cluster, client) = start_cluster(nodes).await;
 
     let sps: Api<StreamProcessor> = Api::namespaced(client.clone(), NS);
     let t = Instant::now();
@@ -588,12 +594,7 @@ async fn main() {
     );
     println!("  writes by other users: {others:?}");
     println!("- CPU seconds used in that window (2 cores = {:.0} CPU-s available):", 2.0 * window_s);
-    for (i, (name, _)) in components.iter().enumerate() {
-        let used = cpu_at_reconciled[i] - cpu_at_cold[i];
-        if used > 0.05 {
-            println!("  {name}: {used:.1}");
-        }
-    }
+    print_cpu(&components, &cpu_at_cold, &cpu_at_reconciled);
     let ours: f64 = cpu_at_reconciled.iter().zip(&cpu_at_cold).map(|(a, b)| a - b).sum();
     let busy = machine_at_reconciled.0 - machine_at_cold.0;
     println!(
